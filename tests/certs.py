@@ -1,0 +1,101 @@
+"""A throwaway PKI for tests, generated once per test process.
+
+Key generation is fast but not free, so every suite shares one set of
+files in a temporary directory that is removed when the process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from threshold.keygen import make_ca, make_client_cert, make_server_cert, write_pair
+
+__all__ = ["CLIENT_NAMES", "TestPki", "test_pki"]
+
+#: The client certificates signed by the main CA.
+CLIENT_NAMES = ("TestClient1", "TestClient2", "operator")
+
+
+@dataclass(frozen=True)
+class TestPki:
+    """Paths of the test CA, server and client certificates and keys."""
+
+    __test__ = False  # not a test case, whatever the name says
+
+    directory: str
+    ca_cert: str
+    ca_key: str
+    server_cert: str
+    server_key: str
+    other_ca_cert: str
+    other_ca_key: str
+    other_client_cert: str
+    other_client_key: str
+
+    def client_cert(self, name: str) -> str:
+        """Return the certificate path of client ``name`` (main CA)."""
+        return self._client_path(name, "crt")
+
+    def client_key(self, name: str) -> str:
+        """Return the key path of client ``name`` (main CA)."""
+        return self._client_path(name, "key")
+
+    def _client_path(self, name: str, ext: str) -> str:
+        if name not in CLIENT_NAMES:
+            raise KeyError(f"no test certificate for {name!r}; have {CLIENT_NAMES}")
+        return os.path.join(self.directory, "clients", f"{name}.{ext}")
+
+
+_cache: TestPki | None = None
+
+
+def test_pki() -> TestPki:
+    """Return the shared test PKI, generating it on first use."""
+    global _cache
+    if _cache is not None:
+        return _cache
+    directory = tempfile.mkdtemp(prefix="threshold-test-pki-")
+    atexit.register(shutil.rmtree, directory, True)
+
+    def path(*parts: str) -> str:
+        return os.path.join(directory, *parts)
+
+    for sub in ("clients", "other"):
+        os.mkdir(path(sub))
+
+    ca = make_ca("threshold test CA")
+    write_pair(ca, path("ca.crt"), path("ca.key"))
+    server = make_server_cert(ca, ["localhost"], ["127.0.0.1", "::1"])
+    write_pair(server, path("server.crt"), path("server.key"))
+    for name in CLIENT_NAMES:
+        pair = make_client_cert(ca, name)
+        write_pair(pair, path("clients", f"{name}.crt"), path("clients", f"{name}.key"))
+
+    other_ca = make_ca("unrelated test CA")
+    write_pair(other_ca, path("other", "ca.crt"), path("other", "ca.key"))
+    other_client = make_client_cert(other_ca, "TestClient1")
+    write_pair(
+        other_client, path("other", "TestClient1.crt"), path("other", "TestClient1.key")
+    )
+
+    _cache = TestPki(
+        directory=directory,
+        ca_cert=path("ca.crt"),
+        ca_key=path("ca.key"),
+        server_cert=path("server.crt"),
+        server_key=path("server.key"),
+        other_ca_cert=path("other", "ca.crt"),
+        other_ca_key=path("other", "ca.key"),
+        other_client_cert=path("other", "TestClient1.crt"),
+        other_client_key=path("other", "TestClient1.key"),
+    )
+    return _cache
+
+
+# trial collects module-level names that look like tests only from test_*
+# modules, but keep pytest-style collectors away from the factory too.
+test_pki.__test__ = False  # type: ignore[attr-defined]

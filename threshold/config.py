@@ -170,6 +170,7 @@ class _Fields:
         source: str,
         base_dir: str | None,
         known: tuple[str, ...],
+        other: tuple[str, str, tuple[str, ...]] | None = None,
     ) -> None:
         self.source = source
         if not isinstance(obj, dict):
@@ -179,7 +180,9 @@ class _Fields:
         for key in obj:
             if key not in known:
                 hint = ""
-                if isinstance(key, str):
+                if other is not None and key in other[2]:
+                    hint = f" (a {other[0]} field: is this the {other[1]}?)"
+                elif isinstance(key, str):
                     close = difflib.get_close_matches(key, known, n=1)
                     if close:
                         hint = f' (did you mean "{close[0]}"?)'
@@ -369,7 +372,13 @@ def parse_server_config(
 
     ``base_dir`` defaults to the current directory.
     """
-    f = _Fields(obj, source, base_dir, _SERVER_FIELDS)
+    f = _Fields(
+        obj,
+        source,
+        base_dir,
+        _SERVER_FIELDS,
+        ("client config", "client's config", _CLIENT_FIELDS),
+    )
     use_tls = f.boolean("UseTls", True)
     tls = "UseTls" if use_tls else None
     listen_address = f.ip_address("ListenAddress", "0.0.0.0")
@@ -449,7 +458,13 @@ def parse_client_config(
 
     ``base_dir`` defaults to the current directory.
     """
-    f = _Fields(obj, source, base_dir, _CLIENT_FIELDS)
+    f = _Fields(
+        obj,
+        source,
+        base_dir,
+        _CLIENT_FIELDS,
+        ("server config", "server's config", _SERVER_FIELDS),
+    )
 
     client_id = None
     for name in ("ClientId", "ClientIdentifier"):

@@ -327,7 +327,6 @@ def _check_client_id(client_id: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> str:
-    os.makedirs(args.out, exist_ok=True)
     if args.command == "ca":
         pair = make_ca(args.cn, days=args.days)
         stem = "ca"
@@ -345,6 +344,7 @@ def _run(args: argparse.Namespace) -> str:
         ca = _read_ca(args.ca_dir)
         pair = make_client_cert(ca, cn, days=args.days)
         stem = args.client_id
+    os.makedirs(args.out, exist_ok=True)
     cert_path = os.path.join(args.out, stem + ".crt")
     key_path = os.path.join(args.out, stem + ".key")
     write_pair(pair, cert_path, key_path, force=args.force)

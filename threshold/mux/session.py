@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from threshold.logs import observer as log_observer
 from threshold.mux.frames import (
     FLAG_ACK,
     FLAG_FIN,
@@ -126,7 +127,7 @@ class MuxSession(Protocol):
     ``when_closed()`` fires with the reason once the session has ended.
     """
 
-    log = Logger()
+    log = Logger(observer=log_observer)
 
     def __init__(
         self,
@@ -204,6 +205,15 @@ class MuxSession(Protocol):
             self._write(encode_header(TYPE_GO_AWAY, 0, 0, code))
         if code != GO_AWAY_NORMAL or not self.streams:
             self._close_transport()
+
+    def close(self, code: int = GO_AWAY_NORMAL) -> None:
+        """Send Go Away and close now, after what was written is flushed."""
+        if self.closed:
+            return
+        if not self._going_away:
+            self._going_away = True
+            self._write(encode_header(TYPE_GO_AWAY, 0, 0, code))
+        self._close_transport()
 
     def when_closed(self) -> Deferred[BaseException]:
         """A Deferred that fires with the exception saying why it ended."""
@@ -512,6 +522,9 @@ class MuxSession(Protocol):
     def _close_transport(self) -> None:
         if self.closed or self.transport is None or self._abort_call is not None:
             return
+        # A TLS transport does not shut down while a producer is registered.
+        self.transport.unregisterProducer()
+        self.write_blocked = False
         self.transport.loseConnection()
         # A peer that stops reading could hold loseConnection open forever.
         self._abort_call = self.clock.callLater(

@@ -28,7 +28,7 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -141,8 +141,8 @@ class EchoRecorder(Receiver):
         self.transport.write(data)
 
     def readConnectionLost(self) -> None:  # noqa: N802
-        self.transport.loseWriteConnection()
         super().readConnectionLost()
+        self.transport.loseWriteConnection()
 
 
 class CountingSession(MuxSession):
@@ -291,6 +291,7 @@ class BothRolesTests(PeerHarness):
         self.assertEqual(len(self.accepted), 3)
         for accepted, protocol in self.accepted:
             self.assertEqual(accepted.id % 2, 0 if session.client else 1)
+            yield protocol.done
             self.assertTrue(protocol.read_closed)
             self.assertTrue(
                 protocol.data == pattern(str(accepted.id), size),
@@ -353,11 +354,14 @@ class NodeServerTests(BothRolesTests, TestCase):
     def test_go_away_from_peer(self):
         """yamux-js's Go Away (normal) ends our session with that code."""
         session = yield self.start()
-        stream = session.open_stream(Receiver())
+        receiver = Receiver()
+        stream = session.open_stream(receiver)
         stream.write(command("goaway"))
         reason = yield wait(session.when_closed())
         self.assertIsInstance(reason, GoAwayReceived)
         self.assertEqual(reason.code, 0)
+        # The stream still open when the session ended ends with it.
+        yield self.assertFailure(receiver.done, GoAwayReceived)
 
     @inlineCallbacks
     def test_reset_then_more_streams(self):
@@ -370,6 +374,7 @@ class NodeServerTests(BothRolesTests, TestCase):
         stream.write(os.urandom(100_000))
         stream.abortConnection()
         self.assertTrue(stream.closed)
+        yield self.assertFailure(receiver.done, ConnectionAborted)
         payload = os.urandom(300_000)
         _, _, got = yield self.echo(session, payload)
         self.assertTrue(got == payload, "echo after a reset differs")

@@ -8,8 +8,8 @@ connection resets the stream. The client never connects anywhere else: the
 server only names services, it cannot pick addresses.
 
 Reconnecting is Twisted's ``ClientService`` with exponential backoff and
-jitter; a hello the server refuses counts as a failed attempt, so a
-misconfigured client backs off instead of hammering the server.
+jitter; refused hellos are counted too, so a misconfigured client backs off
+instead of hammering the server.
 """
 
 from __future__ import annotations
@@ -182,7 +182,9 @@ class ClientSession(MuxSession):
         )
         self.tunnel = tunnel
         self.accepted = False
+        #: Fires when the server accepts the hello; fails if it does not.
         self.ready: Deferred[ClientSession] = Deferred()
+        self.ready.addErrback(lambda f: None)
         self._reply = LineBuffer()
 
     def connectionMade(self) -> None:  # noqa: N802
@@ -210,9 +212,11 @@ class ClientSession(MuxSession):
                     error = f"server refused the hello: {answer.error}"
         if error is not None:
             log.error("{server}: {error}", server=self.tunnel.server, error=error)
+            self.tunnel.refusals += 1
             self.close()
             self.ready.errback(HelloRefused(error))
             return
+        self.tunnel.refusals = 0
         self.accepted = True
         log.info(
             "tunnel to {server} up as client {client_id}",
@@ -280,6 +284,8 @@ class TunnelClient:
         self.session_config = session_config or SessionConfig()
         self.unknown_service = 0
         self.local_failures = 0
+        #: Hellos refused in a row (reset by an accepted one).
+        self.refusals = 0
 
     def factory(self) -> Factory:
         """The factory of sessions for ``ClientService``."""
@@ -312,7 +318,10 @@ def reconnecting_service(
     )
 
     def logged(attempt: int) -> float:
-        delay = policy(attempt)
+        # A refused hello ends a connection that did succeed, which
+        # ClientService counts as no failure: count refusals ourselves so
+        # that a misconfigured client backs off all the same.
+        delay = policy(max(attempt, tunnel.refusals))
         log.info(
             "reconnecting to {server} in {delay:.1f}s (attempt {attempt})",
             server=tunnel.server,
@@ -326,7 +335,6 @@ def reconnecting_service(
         tunnel.factory(),
         retryPolicy=logged,
         clock=clock,
-        prepareConnection=lambda session: session.ready,
     )
 
 

@@ -1,0 +1,348 @@
+"""The management API: a Klein resource over the route table and the clients.
+
+``GET /ping``, ``GET /clients``, ``GET /tunnels`` and ``PUT /tunnels`` (see
+docs/api.md). Every answer but ``/ping`` is JSON; every error is a JSON
+object ``{"error": "..."}`` with a status code that says what went wrong.
+The API changes state only through ``RouteTable.apply``.
+
+Serve it with ``management_site(api)``: its requests refuse an oversized
+body as soon as it is announced or counted, before it is buffered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from threshold.routes import RouteTable, Tunnel, TunnelError, parse_tunnels
+from threshold.tls import peer_common_name
+
+__all__ = [
+    "ApiError",
+    "ClientsView",
+    "ManagementAPI",
+    "management_site",
+]
+
+log = Logger()
+
+_UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+
+
+class ClientsView(Protocol):
+    """What the management API needs from the server's client registry."""
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Each known client's state, keyed by ClientId, ready for JSON."""
+        ...
+
+
+class ApiError(Exception):
+    """A request refused with an HTTP status and a JSON error message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r} in an object")
+        result[key] = value
+    return result
+
+
+def _decode_json(body: bytes) -> object:
+    """Decode a UTF-8 JSON body, or raise ApiError 422 saying why not."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(
+            422, f"the body is not UTF-8: {e.reason} at byte {e.start}"
+        ) from None
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_no_duplicate_keys,
+            parse_constant=_reject_constant,
+        )
+    except json.JSONDecodeError as e:
+        raise ApiError(
+            422, f"the body is not JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
+    except ValueError as e:
+        raise ApiError(422, f"the body is not JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(422, "the body is not JSON: nested too deeply") from None
+
+
+def _check_content_type(request: IRequest) -> None:
+    """Accept ``application/json`` (with an UTF-8 charset if any), else 415."""
+    raw = request.getHeader(b"content-type")
+    if raw is None:
+        raise ApiError(415, "Content-Type must be application/json, got none")
+    value = raw.decode("latin-1")
+    media_type, *params = value.split(";")
+    if media_type.strip().lower() != "application/json":
+        raise ApiError(415, f'Content-Type must be application/json, not "{value}"')
+    for param in params:
+        name, _, setting = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = setting.strip().strip('"').lower()
+            if charset not in _UTF8_CHARSETS:
+                raise ApiError(415, f'charset must be utf-8, not "{charset}"')
+
+
+def _declared_length(request: IRequest) -> int | None:
+    raw = request.getHeader(b"content-length")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+class ManagementAPI:
+    """The management API over a route table and a view of the clients.
+
+    With ``allowed_common_names``, only TLS clients whose verified
+    certificate has one of these Common Names may call it; with
+    ``require_tls_identity``, any verified client certificate is needed.
+    Others get 403. ``apply`` replaces ``routes.apply`` for ``PUT /tunnels``
+    (the server's, which also saves the set).
+    """
+
+    app = Klein()
+
+    def __init__(
+        self,
+        routes: RouteTable,
+        clients: ClientsView,
+        max_body_bytes: int = 1048576,
+        allowed_common_names: Sequence[str] | None = None,
+        require_tls_identity: bool = False,
+        apply: Callable[[list[Tunnel]], Deferred[list[Tunnel]]] | None = None,
+    ) -> None:
+        self._routes = routes
+        # The server passes its own apply, which also persists the new set.
+        self._apply = apply if apply is not None else routes.apply
+        self._clients = clients
+        self.max_body_bytes = max_body_bytes
+        self._allowed = (
+            frozenset(allowed_common_names)
+            if allowed_common_names is not None
+            else None
+        )
+        self._require_identity = require_tls_identity or self._allowed is not None
+
+    # -- helpers ------------------------------------------------------------
+
+    @staticmethod
+    def _json(request: IRequest, status: int, body: object) -> bytes:
+        """Serialise one JSON answer and set its status and Content-Type."""
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body).encode("utf-8") + b"\n"
+
+    def _authorize(self, request: IRequest) -> None:
+        """Refuse with 403 a request without an allowed certificate identity."""
+        if not self._require_identity:
+            return
+        name = peer_common_name(getattr(request, "transport", None))
+        if name is None:
+            raise ApiError(
+                403, "a client certificate is required to use the management API"
+            )
+        if self._allowed is not None and name not in self._allowed:
+            raise ApiError(
+                403,
+                f"certificate CN {json.dumps(name)} may not use the management API",
+            )
+
+    # -- routes -------------------------------------------------------------
+
+    @app.route("/ping", methods=["GET"])
+    def ping(self, request: IRequest) -> bytes:
+        """Answer ``pong``: the process is up and serving."""
+        self._authorize(request)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"pong"
+
+    @app.route("/clients", methods=["GET"])
+    def clients(self, request: IRequest) -> bytes:
+        """The state of every known client."""
+        self._authorize(request)
+        return self._json(request, 200, self._clients.snapshot())
+
+    @app.route("/tunnels", methods=["GET"])
+    def get_tunnels(self, request: IRequest) -> bytes:
+        """The tunnels in force."""
+        self._authorize(request)
+        return self._json(request, 200, [t.to_json() for t in self._routes.tunnels()])
+
+    @app.route("/tunnels", methods=["PUT"])
+    async def put_tunnels(self, request: IRequest) -> bytes:
+        """Replace the whole tunnel set, all or nothing."""
+        self._authorize(request)
+        declared = _declared_length(request)
+        if declared is not None and declared > self.max_body_bytes:
+            raise self._too_large()
+        _check_content_type(request)
+        body = request.content.read(self.max_body_bytes + 1)
+        if len(body) > self.max_body_bytes:
+            raise self._too_large()
+        tunnels = parse_tunnels(_decode_json(body))
+        applied = await self._apply(tunnels)
+        log.info(
+            "management API applied {count} tunnels for {peer}",
+            count=len(applied),
+            peer=peer_common_name(getattr(request, "transport", None)),
+        )
+        return self._json(request, 200, [t.to_json() for t in applied])
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the body is larger than {self.max_body_bytes} bytes")
+
+    # -- errors, mapped in one place ---------------------------------------
+
+    @app.handle_errors(ApiError)
+    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+        error: ApiError = failure.value
+        return self._json(request, error.status, {"error": error.message})
+
+    @app.handle_errors(TunnelError)
+    def tunnel_error(self, request: IRequest, failure: Failure) -> bytes:
+        error: TunnelError = failure.value
+        return self._json(request, error.status, error.to_json())
+
+    @app.handle_errors(HTTPException)
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        """Routing errors: unknown path 404, wrong method 405 (with Allow)."""
+        try:
+            self._authorize(request)
+        except ApiError as e:
+            return self._json(request, e.status, {"error": e.message})
+        error: HTTPException = failure.value
+        path = request.path.decode("utf-8", "replace")
+        method = request.method.decode("ascii", "replace")
+        if isinstance(error, MethodNotAllowed):
+            allowed = sorted(error.valid_methods or ())
+            request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
+            message = f"method {method} not allowed on {path}; use {', '.join(allowed)}"
+        elif isinstance(error, NotFound):
+            message = f"no such path: {path}"
+        else:
+            # Other routing answers (a redirect, say) keep werkzeug's headers.
+            for name, value in error.get_response({}).headers:
+                if name.lower() not in ("content-type", "content-length"):
+                    request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+            message = error.description or error.name
+        return self._json(request, error.code or 500, {"error": message})
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        """Anything else: log the traceback, answer 500 without it."""
+        log.failure(
+            "management API {method} {path} failed",
+            failure,
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("utf-8", "replace"),
+        )
+        return self._json(request, 500, {"error": "internal error"})
+
+
+class _LimitedRequest(Request):
+    """A request that refuses a body over ``max_body_bytes`` without keeping it.
+
+    A declared ``Content-Length`` over the limit is refused at once; a
+    chunked body is counted as it arrives. Either way the answer is 413 and
+    the connection closes, so a huge upload is never held.
+    """
+
+    max_body_bytes = 1048576
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body_bytes:
+            # No "100 Continue": the client must not start sending the body.
+            self.requestHeaders.removeHeader(b"expect")
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.max_body_bytes:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        if self.content is not None:
+            self.content.close()
+            self.content = None
+        body = (
+            json.dumps(
+                {"error": f"the body is larger than {self.max_body_bytes} bytes"}
+            ).encode("utf-8")
+            + b"\n"
+        )
+        log.warn(
+            "management API refused a body over {limit} bytes from {peer}",
+            limit=self.max_body_bytes,
+            peer=str(self.channel.transport.getPeer()),
+        )
+        # The channel has not started a response for this request, so the
+        # answer is written straight to the transport, as Twisted does for
+        # its own 400s.
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.channel.transport.loseConnection()
+
+
+class _ManagementSite(Site):
+    """A Site that speaks only HTTP/1.1, so ``request.transport`` is the TLS one."""
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
+
+
+def management_site(api: ManagementAPI, timeout: float = 60) -> Site:
+    """Build the Site serving ``api``, with the body limit enforced on arrival.
+
+    ``timeout`` closes idle connections after that many seconds.
+    """
+    limited = type(
+        "LimitedRequest", (_LimitedRequest,), {"max_body_bytes": api.max_body_bytes}
+    )
+    return _ManagementSite(api.app.resource(), requestFactory=limited, timeout=timeout)

@@ -86,6 +86,10 @@ class RelayEnd(Protocol):
         if self._write_closed or self._lost:
             return
         self._write_closed = True
+        # The other side sends nothing more, so it no longer produces for
+        # us; and a transport that still has a paused producer registered
+        # never gets round to shutting down its write side.
+        self.transport.unregisterProducer()
         lose_write = getattr(self.transport, "loseWriteConnection", None)
         if lose_write is not None:
             lose_write()
@@ -100,6 +104,9 @@ class RelayEnd(Protocol):
     def _peer_lost(self, reason: Failure) -> None:
         if self._lost:
             return
+        # As above: a registered (maybe paused) producer would hold the
+        # close back forever.
+        self.transport.unregisterProducer()
         if reason.check(ConnectionDone):
             # Clean end on the other side: deliver what is buffered, then FIN.
             self.transport.loseConnection()

@@ -172,6 +172,10 @@ class Deployment:
         if self.server_service is not None:
             service, self.server_service = self.server_service, None
             yield service.stopService()
+        # Kept-open API connections would still reach the stopped server.
+        pools, self.pools = self.pools, {}
+        for pool in pools.values():
+            yield pool.closeCachedConnections()
 
     def client_config(
         self, client_id: str, services: dict[str, tuple[str, int]], **fields: Any
@@ -218,8 +222,6 @@ class Deployment:
         for client_id in list(self.clients):
             yield self.stop_client(client_id)
         yield self.stop_server()
-        for pool in self.pools.values():
-            yield pool.closeCachedConnections()
 
     def wait_connected(self, client_id: str, timeout: float = 10.0) -> Deferred[Any]:
         return wait_until(

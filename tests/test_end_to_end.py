@@ -167,3 +167,43 @@ class TlsFlowTests(FlowMixin, TestCase):
     """With mutual TLS."""
 
     use_tls = True
+
+
+class StateFileTests(TestCase):
+    """Tunnels survive a server restart through the state file."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_tunnels_restored_before_clients_return(self):
+        """After a restart the tunnel listens at once and works again."""
+        backend = Backend(echo=True)
+        backend_port = yield backend.start()
+        self.addCleanup(backend.stop)
+        state = os.path.abspath(self.mktemp())
+        deployment = Deployment(False, self.mktemp(), state_file=state)
+        self.addCleanup(deployment.stop)
+        deployment.start_server()
+        deployment.start_client("TestClient1", {"web": ("127.0.0.1", backend_port)})
+        yield deployment.wait_connected("TestClient1")
+        port = free_port()
+        code, body = yield deployment.put_tunnels([tunnel("TestClient1", port, "web")])
+        self.assertEqual(code, 200, body)
+        self.assertTrue(os.path.exists(state))
+
+        yield deployment.stop_client("TestClient1")
+        yield deployment.stop_server()
+        deployment.start_server()
+        # Listening again before any client is back.
+        self.assertIsNotNone(
+            deployment.server.routes.listening_port(("127.0.0.1", port))
+        )
+        code, listed = yield deployment.get_json("/tunnels")
+        self.assertEqual(listed, body)
+        deployment.start_client("TestClient1", {"web": ("127.0.0.1", backend_port)})
+        yield deployment.wait_connected("TestClient1")
+        user = yield connect_user(port)
+        user.transport.write(b"after restart")
+        user.transport.loseWriteConnection()
+        yield user.done
+        self.assertEqual(user.data, b"after restart")

@@ -149,7 +149,8 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         server.registry,
         max_body_bytes=config.max_management_body_bytes,
         allowed_common_names=config.management_allowed_common_names,
-        # apply=server.apply,
+        require_tls_identity=config.use_tls,
+        apply=server.apply,
     )
     management = StreamServerEndpointService(
         _endpoint(

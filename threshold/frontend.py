@@ -126,15 +126,15 @@ class PublicConnection(RelayEnd):
         factory = self.factory
         session = factory.session_for(tunnel.client_id)
         if session is None:
-            factory.stats.refused_no_client += 1
-            self._refuse(f'client "{tunnel.client_id}" is not connected')
+            self._refuse(
+                f'client "{tunnel.client_id}" is not connected', no_client=True
+            )
             return
         stream_end = RelayEnd()
         try:
             stream = session.open_stream(stream_end)
         except (SessionClosed, StreamLimitReached) as e:
-            factory.stats.refused_no_client += 1
-            self._refuse(str(e))
+            self._refuse(str(e), no_client=True)
             return
         self._routed = True
         self.tunnel = tunnel
@@ -172,8 +172,12 @@ class PublicConnection(RelayEnd):
         )
         self.transport.abortConnection()
 
-    def _refuse(self, why: str) -> None:
-        self.factory.stats.refused_no_route += 1
+    def _refuse(self, why: str, no_client: bool = False) -> None:
+        # Each refusal is counted once, as a missing route or a missing client.
+        if no_client:
+            self.factory.stats.refused_no_client += 1
+        else:
+            self.factory.stats.refused_no_route += 1
         log.info(
             "{peer} on {group} refused: {why}",
             peer=self._peer(),

@@ -133,6 +133,11 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             MaxClientHelloBytes=1024,
             MaxManagementBodyBytes=1024,
             MaxClients=1,
+            MaxPendingHandshakes=2,
+            MaxConnectionsPerTunnel=0,
+            MaxConnectionsPerSourceIp=3,
+            PublicIdleTimeoutSeconds=0,
+            ShutdownGraceSeconds=1.5,
         )
         config = self.parse(obj)
         expected = {
@@ -157,6 +162,11 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             "max_client_hello_bytes": 1024,
             "max_management_body_bytes": 1024,
             "max_clients": 1,
+            "max_pending_handshakes": 2,
+            "max_connections_per_tunnel": 0,
+            "max_connections_per_source_ip": 3,
+            "public_idle_timeout_seconds": 0.0,
+            "shutdown_grace_seconds": 1.5,
             "source": "server.json",
         }
         self.assertEqual(
@@ -219,6 +229,11 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             ("MaxManagementBodyBytes", 1023, "at least 1024"),
             ("MaxClients", 0, "at least 1"),
             ("MaxClients", False, "got false"),
+            ("MaxPendingHandshakes", 0, "at least 1"),
+            ("MaxConnectionsPerTunnel", -1, "at least 0"),
+            ("MaxConnectionsPerSourceIp", 2.5, "got 2.5"),
+            ("PublicIdleTimeoutSeconds", -1, "from 0 (off)"),
+            ("ShutdownGraceSeconds", "5", 'got "5"'),
             ("CaCertificateFile", 5, "got 5"),
             ("ServerTlsKeyFile", "", "non-empty string"),
             ("ServerTlsCertificateFile", ["x"], 'got ["x"]'),

@@ -229,3 +229,66 @@ class StateFileTests(SynchronousTestCase):
             json.dump([{"ClientId": "a"}], f)
         with self.assertRaisesRegex(StateFileError, "ListenPort"):
             read_state(path)
+
+
+class LimitAndStopTests(SynchronousTestCase):
+    def test_pending_handshakes_limited(self):
+        """Past MaxPendingHandshakes, new control connections are refused."""
+        clock = Clock()
+        server = make_server(clock, max_pending_handshakes=2)
+        factory = server.control_factory()
+        self.assertIsNotNone(factory.buildProtocol(None))
+        self.assertIsNotNone(factory.buildProtocol(None))
+        self.assertIsNone(factory.buildProtocol(None))
+        self.assertEqual(server.limits_hit["pending_handshakes"], 1)
+
+    def test_accepted_clients_do_not_count_as_pending(self):
+        """Clients past the hello free their pending slot."""
+        clock = Clock()
+        server = make_server(clock, max_pending_handshakes=1)
+        client, session, pump = dial(server, clock)
+        hello(client, pump)
+        self.assertIsNotNone(server.control_factory().buildProtocol(None))
+
+    def test_graceful_stop_lets_streams_finish(self):
+        """On stop, running streams may finish; then the sessions close."""
+        clock = Clock()
+        server = make_server(clock)
+        server.shutdown_grace = 10
+        client, session, pump = dial(server, clock)
+        hello(client, pump)
+        user = Collector()
+        stream = session.open_stream(user)
+        pump.flush()
+        server.startService()
+        stopped = server.stopService()
+        pump.flush()
+        self.assertNoResult(stopped)
+        self.assertFalse(client.closed)
+        stream.write(b"last words")
+        stream.loseConnection()
+        for c in list(client.streams.values()):
+            c.loseConnection()
+        pump.flush()
+        self.successResultOf(stopped)
+        self.assertTrue(client.closed)
+
+    def test_graceful_stop_cuts_after_grace(self):
+        """Connections still running after the grace period are cut."""
+        clock = Clock()
+        server = make_server(clock)
+        server.shutdown_grace = 10
+        client, session, pump = dial(server, clock)
+        hello(client, pump)
+        session.open_stream(Collector())
+        pump.flush()
+        server.startService()
+        stopped = server.stopService()
+        pump.flush()
+        clock.advance(9)
+        pump.flush()
+        self.assertNoResult(stopped)
+        clock.advance(2)
+        pump.flush()
+        self.successResultOf(stopped)
+        self.assertTrue(client.closed)

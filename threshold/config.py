@@ -76,6 +76,15 @@ class ServerConfig:
     max_client_hello_bytes: int = 16384
     max_management_body_bytes: int = 1048576
     max_clients: int = 1000
+    max_pending_handshakes: int = 100
+    #: Concurrent public connections per tunnel group; 0: no limit.
+    max_connections_per_tunnel: int = 10000
+    #: Concurrent public connections per source IP, all tunnels; 0: no limit.
+    max_connections_per_source_ip: int = 256
+    #: Close a public connection idle this long; 0: never.
+    public_idle_timeout_seconds: float = 0.0
+    #: On stop, how long running connections may finish.
+    shutdown_grace_seconds: float = 10.0
     #: Name of the config file, the prefix of error messages (e.g. from tls).
     source: str = "server config"
 
@@ -229,15 +238,19 @@ class _Fields:
     def port(self, name: str, default: int) -> int:
         return self.integer(name, default, 1, 65535)
 
-    def seconds(self, name: str, default: float) -> float:
+    def seconds(self, name: str, default: float, zero_ok: bool = False) -> float:
         present, value = self._get(name, default, False)
         if not present:
             return float(value)
-        expected = f"a number of seconds greater than 0 and at most {_MAX_SECONDS}"
+        if zero_ok:
+            expected = f"a number of seconds from 0 (off) to {_MAX_SECONDS}"
+        else:
+            expected = f"a number of seconds greater than 0 and at most {_MAX_SECONDS}"
         if (
             not isinstance(value, int | float)
             or isinstance(value, bool)
-            or not (0 < value <= _MAX_SECONDS)
+            or not (0 <= value <= _MAX_SECONDS)
+            or (value == 0 and not zero_ok)
             or (isinstance(value, float) and not math.isfinite(value))
         ):
             raise self.wrong(name, expected, value)
@@ -329,6 +342,11 @@ _SERVER_FIELDS = (
     "MaxClientHelloBytes",
     "MaxManagementBodyBytes",
     "MaxClients",
+    "MaxPendingHandshakes",
+    "MaxConnectionsPerTunnel",
+    "MaxConnectionsPerSourceIp",
+    "PublicIdleTimeoutSeconds",
+    "ShutdownGraceSeconds",
 )
 
 _CLIENT_FIELDS = (
@@ -447,6 +465,13 @@ def parse_server_config(
         max_client_hello_bytes=f.integer("MaxClientHelloBytes", 16384, 1024, 65536),
         max_management_body_bytes=f.integer("MaxManagementBodyBytes", 1048576, 1024),
         max_clients=f.integer("MaxClients", 1000, 1),
+        max_pending_handshakes=f.integer("MaxPendingHandshakes", 100, 1),
+        max_connections_per_tunnel=f.integer("MaxConnectionsPerTunnel", 10000, 0),
+        max_connections_per_source_ip=f.integer("MaxConnectionsPerSourceIp", 256, 0),
+        public_idle_timeout_seconds=f.seconds(
+            "PublicIdleTimeoutSeconds", 0, zero_ok=True
+        ),
+        shutdown_grace_seconds=f.seconds("ShutdownGraceSeconds", 10, zero_ok=True),
         source=source,
     )
 

@@ -13,12 +13,17 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    inlineCallbacks,
+)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -188,6 +193,7 @@ class ControlSettings:
     domain: str | None = None
     handshake_timeout: float = 10.0
     max_clients: int = 1000
+    max_pending_handshakes: int = 100
     session: SessionConfig = SessionConfig()
 
 
@@ -372,10 +378,21 @@ class ControlFactory(Factory):
         self.settings = settings
         self.clock = clock
 
-    def buildProtocol(self, addr: object) -> MuxSession:  # noqa: N802
+    def buildProtocol(self, addr: object) -> MuxSession | None:  # noqa: N802
         """One control connection; refused when too many are pending."""
-        control = ControlConnection(self.server, self)
-        self.server.control_connections.add(control)
+        server = self.server
+        pending = sum(1 for c in server.control_connections if not c.accepted)
+        if pending >= self.settings.max_pending_handshakes:
+            server.limit_hit("pending_handshakes")
+            log.warn(
+                "control connection from {peer} refused: {count} handshakes "
+                "pending (MaxPendingHandshakes)",
+                peer=_describe(addr),
+                count=pending,
+            )
+            return None
+        control = ControlConnection(server, self)
+        server.control_connections.add(control)
         return control.session
 
 
@@ -396,6 +413,7 @@ class TunnelServer(Service):
         restore: list[Tunnel] | None = None,
         sni_timeout: float = 10.0,
         max_hello: int = 16384,
+        shutdown_grace: float = 10.0,
     ) -> None:
         self.clock = clock
         self.settings = settings
@@ -404,6 +422,9 @@ class TunnelServer(Service):
         self.registry = ClientRegistry()
         self.stats = FrontendStats()
         self.handshake_failures = 0
+        #: How often each limit was hit, by name.
+        self.limits_hit: Counter[str] = Counter()
+        self.shutdown_grace = shutdown_grace
         self.control_connections: set[ControlConnection] = set()
         self._sni_timeout = sni_timeout
         self._max_hello = max_hello
@@ -419,6 +440,10 @@ class TunnelServer(Service):
             sni_timeout=self._sni_timeout,
             max_hello=self._max_hello,
         )
+
+    def limit_hit(self, name: str) -> None:
+        """Count one hit of a limit (exported as a metric)."""
+        self.limits_hit[name] += 1
 
     def control_factory(self) -> ControlFactory:
         """The factory for the tunnel control listener."""
@@ -459,11 +484,41 @@ class TunnelServer(Service):
 
     @inlineCallbacks
     def stopService(self):  # noqa: N802, ANN201
-        """Close the public listeners, then tell every client Go Away."""
+        """Stop gracefully: listeners first, then a grace period, then close.
+
+        The public sockets close so no new connection arrives; every client
+        gets Go Away (no new streams; the session closes when its last stream
+        ends); connections still running after ``shutdown_grace`` seconds
+        are cut.
+        """
         Service.stopService(self)
         yield self.routes.close()
-        for session in self.registry.sessions():
+        sessions = [c.session for c in self.control_connections]
+        closed = [s.when_closed() for s in sessions]
+        for session in sessions:
             session.go_away(GO_AWAY_NORMAL)
+        running = sum(len(s.streams) for s in sessions)
+        if running:
+            log.info(
+                "stopping: {count} connections may finish within {grace}s",
+                count=running,
+                grace=self.shutdown_grace,
+            )
+        done = DeferredList(closed, consumeErrors=True)
+        # Cancelling the list at the deadline fires it (with the waits it
+        # cancelled marked as failures), so what is still open is checked.
+        timer = self.clock.callLater(self.shutdown_grace, done.cancel)
+        yield done
+        if timer.active():
+            timer.cancel()
+        left = [s for s in sessions if not s.closed]
+        if left:
+            log.warn(
+                "stopping: grace period over, {count} connections cut",
+                count=sum(len(s.streams) for s in left),
+            )
+            for session in left:
+                session.close()
 
 
 class StateFileError(Exception):

@@ -120,6 +120,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         domain=config.domain,
         handshake_timeout=config.handshake_timeout_seconds,
         max_clients=config.max_clients,
+        max_pending_handshakes=config.max_pending_handshakes,
         session=SessionConfig(
             max_window=config.max_receive_window_bytes,
             max_streams=config.max_streams_per_session,
@@ -135,6 +136,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         restore=restore,
         sni_timeout=config.sni_read_timeout_seconds,
         max_hello=config.max_client_hello_bytes,
+        shutdown_grace=config.shutdown_grace_seconds,
     )
     top = MultiService()
     server.setServiceParent(top)

@@ -573,3 +573,38 @@ class GoAwayTests(SynchronousTestCase):
         session.dataReceived(b"\x09" * 12)
         session.connectionLost(ConnectionDone())
         self.assertIsInstance(closed[0], ProtocolViolation)
+
+
+class WriteBacklogTests(SynchronousTestCase):
+    def test_pings_coalesced_while_peer_not_reading(self):
+        """While our transport is full, only the latest Ping is answered, later."""
+        session, transport, clock = string_session()
+        transport.producer.pauseProducing()
+        for value in range(1000):
+            session.dataReceived(F.encode_header(F.TYPE_PING, F.FLAG_SYN, 0, value))
+        self.assertEqual(transport.value(), b"")
+        transport.producer.resumeProducing()
+        self.assertEqual(
+            sent_frames(transport), [F.Frame(F.TYPE_PING, F.FLAG_ACK, 0, 999)]
+        )
+
+    def test_control_flood_without_reading_closes(self):
+        """A peer that makes us write RSTs without reading is cut off."""
+        config = SessionConfig(
+            keepalive_interval=0, max_streams=1, max_control_backlog=1200
+        )
+        session, transport, clock = string_session(config=config)
+        closed = []
+        session.when_closed().addCallback(closed.append)
+        transport.producer.pauseProducing()
+        # Stream 2 is accepted; every later one is refused with an RST frame.
+        for sid in range(2, 2 + 2 * 200, 2):
+            session.dataReceived(
+                F.encode_header(F.TYPE_WINDOW_UPDATE, F.FLAG_SYN, sid, 0)
+            )
+            if transport.disconnected:
+                break
+        self.assertTrue(transport.disconnected)
+        self.assertLessEqual(len(transport.value()), 1200 + 24)
+        session.connectionLost(ConnectionDone())
+        self.assertIsInstance(closed[0], ProtocolViolation)

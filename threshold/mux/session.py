@@ -81,6 +81,9 @@ class SessionConfig:
     stream_linger: float = 30.0
     #: Seconds to let the transport flush after Go Away before aborting it.
     close_timeout: float = 5.0
+    #: Control-frame bytes written while the peer is not reading before the
+    #: session is closed (Window Updates, RSTs: bounded, but not by windows).
+    max_control_backlog: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.max_window < INITIAL_WINDOW or self.max_window > MAX_UINT32:
@@ -149,6 +152,8 @@ class MuxSession(Protocol):
         self._decoder = FrameDecoder(self, self.config.max_frame_receive)
         self._data_stream: Stream | None = None
         self.write_blocked = False
+        self._blocked_control = 0
+        self._pong_due: int | None = None
         self._waiting: dict[int, Stream] = {}
         self._going_away = False
         self._remote_go_away = False
@@ -287,6 +292,10 @@ class MuxSession(Protocol):
     def resumeProducing(self) -> None:  # noqa: N802
         """The transport has room: let waiting streams send, in turn."""
         self.write_blocked = False
+        self._blocked_control = 0
+        if self._pong_due is not None:
+            value, self._pong_due = self._pong_due, None
+            self._write(encode_header(TYPE_PING, FLAG_ACK, 0, value))
         waiting = self._waiting
         while waiting and not self.write_blocked:
             # Oldest first, so every waiting stream gets its turn.
@@ -451,7 +460,12 @@ class MuxSession(Protocol):
         if stream_id != 0:
             raise ProtocolViolation(f"Ping on stream {stream_id} (must be 0)")
         if flags & FLAG_SYN:
-            self._write(encode_header(TYPE_PING, FLAG_ACK, 0, value))
+            if self.write_blocked:
+                # The peer is not reading what we send: answer only its
+                # latest Ping, once it reads again, so Pings cannot pile up.
+                self._pong_due = value
+            else:
+                self._write(encode_header(TYPE_PING, FLAG_ACK, 0, value))
         elif flags & FLAG_ACK:
             if self._ping_sent_at is not None and value == self._ping_id:
                 self.rtt = self.clock.seconds() - self._ping_sent_at
@@ -537,5 +551,26 @@ class MuxSession(Protocol):
             self.transport.abortConnection()
 
     def _write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
+        if self.closed or self.transport is None:
+            return
+        if self.write_blocked:
+            # Control frames are written even while the transport is full
+            # (they carry window and resets), but a peer that keeps making
+            # us answer without reading would grow our buffer forever.
+            self._blocked_control += len(data)
+            if self._blocked_control > self.config.max_control_backlog:
+                self._blocked_control = 0
+                self.log.warn(
+                    "{name}: peer {peer} makes us write control frames without "
+                    "reading them ({limit} bytes); closing",
+                    name=self.name,
+                    peer=self.peer_address(),
+                    limit=self.config.max_control_backlog,
+                )
+                if self._close_reason is None:
+                    self._close_reason = Failure(
+                        ProtocolViolation("peer stopped reading control frames")
+                    )
+                self.transport.abortConnection()
+                return
+        self.transport.write(data)

@@ -512,14 +512,15 @@ class SlowAndBadInputTests(_Fixture):
         )
         self.assertIsNone(silent.lost)
         self.assertIsNone(half.lost)
-        self.assertLess(time.monotonic() - start, 0.5)
 
         yield wait_until(
             lambda: silent.lost is not None and half.lost is not None,
             timeout=5,
             what="the silent users closed",
         )
-        self.assertGreaterEqual(time.monotonic() - start, 0.45)
+        elapsed = time.monotonic() - start
+        self.assertGreaterEqual(elapsed, 0.45)
+        self.assertLess(elapsed, 2.0)
         self.assertEqual(stats.sni_timeouts, 2)
         self.assertEqual(silent.data + half.data, b"")
         # The routed user is past the timeout and still relayed.

@@ -29,7 +29,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from threshold.frontend import FrontendFactory, FrontendStats
+from threshold.frontend import FrontendFactory, FrontendLimits, FrontendStats
 from threshold.handshake import (
     HandshakeError,
     LineBuffer,
@@ -411,8 +411,7 @@ class TunnelServer(Service):
         settings: ControlSettings = ControlSettings(),
         state_file: str | None = None,
         restore: list[Tunnel] | None = None,
-        sni_timeout: float = 10.0,
-        max_hello: int = 16384,
+        limits: FrontendLimits | None = None,
         shutdown_grace: float = 10.0,
     ) -> None:
         self.clock = clock
@@ -426,8 +425,7 @@ class TunnelServer(Service):
         self.limits_hit: Counter[str] = Counter()
         self.shutdown_grace = shutdown_grace
         self.control_connections: set[ControlConnection] = set()
-        self._sni_timeout = sni_timeout
-        self._max_hello = max_hello
+        self.limits = limits or FrontendLimits()
         self.routes = RouteTable(listen, self._make_factory, self.registry.is_connected)
 
     def _make_factory(self, key: GroupKey) -> FrontendFactory:
@@ -437,8 +435,8 @@ class TunnelServer(Service):
             self.registry.session_for,
             self.clock,
             self.stats,
-            sni_timeout=self._sni_timeout,
-            max_hello=self._max_hello,
+            self.limits,
+            self.limit_hit,
         )
 
     def limit_hit(self, name: str) -> None:

@@ -38,6 +38,7 @@ from threshold.config import (
     load_client_config,
     load_server_config,
 )
+from threshold.frontend import FrontendLimits
 from threshold.logs import observer as log_observer
 from threshold.management import ManagementAPI, management_site
 from threshold.mux.session import SessionConfig
@@ -134,8 +135,13 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         settings,
         state_file=config.state_file,
         restore=restore,
-        sni_timeout=config.sni_read_timeout_seconds,
-        max_hello=config.max_client_hello_bytes,
+        limits=FrontendLimits(
+            sni_timeout=config.sni_read_timeout_seconds,
+            max_hello=config.max_client_hello_bytes,
+            max_per_tunnel=config.max_connections_per_tunnel,
+            max_per_ip=config.max_connections_per_source_ip,
+            idle_timeout=config.public_idle_timeout_seconds,
+        ),
         shutdown_grace=config.shutdown_grace_seconds,
     )
     top = MultiService()

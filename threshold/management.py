@@ -126,7 +126,8 @@ class ManagementAPI:
     certificate has one of these Common Names may call it; with
     ``require_tls_identity``, any verified client certificate is needed.
     Others get 403. ``apply`` replaces ``routes.apply`` for ``PUT /tunnels``
-    (the server's, which also saves the set).
+    (the server's, which also saves the set); ``metrics`` renders
+    ``GET /metrics``.
     """
 
     app = Klein()
@@ -139,8 +140,10 @@ class ManagementAPI:
         allowed_common_names: Sequence[str] | None = None,
         require_tls_identity: bool = False,
         apply: Callable[[list[Tunnel]], Deferred[list[Tunnel]]] | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self._routes = routes
+        self._metrics = metrics
         # The server passes its own apply, which also persists the new set.
         self._apply = apply if apply is not None else routes.apply
         self._clients = clients
@@ -196,6 +199,15 @@ class ManagementAPI:
         """The tunnels in force."""
         self._authorize(request)
         return self._json(request, 200, [t.to_json() for t in self._routes.tunnels()])
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        """The server's metrics in the Prometheus text format."""
+        self._authorize(request)
+        if self._metrics is None:
+            raise ApiError(404, "no metrics on this server")
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self._metrics()
 
     @app.route("/tunnels", methods=["PUT"])
     async def put_tunnels(self, request: IRequest) -> bytes:

@@ -119,6 +119,10 @@ class ClientRegistry:
         """Every client seen, for ``GET /clients``."""
         return {cid: r.to_json() for cid, r in sorted(self._records.items())}
 
+    def records(self) -> list[ClientRecord]:
+        """Every client seen (for metrics)."""
+        return list(self._records.values())
+
     def is_connected(self, client_id: str) -> bool:
         """Whether the client has an accepted session now."""
         record = self._records.get(client_id)
@@ -213,7 +217,7 @@ class HelloProtocol(Protocol):
             line, _rest = self.buffer.feed(data)
         except HandshakeError as e:
             self.done = True
-            self.control.hello_failed(str(e))
+            self.control.hello_failed(str(e), "bad_hello")
             return
         if line is None:
             return
@@ -224,7 +228,7 @@ class HelloProtocol(Protocol):
         """The client closed stream 1 before a hello: fail the handshake."""
         if not self.done:
             self.done = True
-            self.control.hello_failed("stream 1 closed before the hello")
+            self.control.hello_failed("stream 1 closed before the hello", "closed")
 
 
 class _ControlSession(MuxSession):
@@ -291,7 +295,7 @@ class ControlConnection:
         try:
             hello = parse_hello(line)
         except HandshakeError as e:
-            self.hello_failed(str(e))
+            self.hello_failed(str(e), "bad_hello")
             return
         if self.settings.use_tls:
             expected = hello.client_id
@@ -301,7 +305,8 @@ class ControlConnection:
             if name != expected:
                 self.hello_failed(
                     f'clientId "{hello.client_id}" does not match the '
-                    f'certificate (CN "{name}", expected "{expected}")'
+                    f'certificate (CN "{name}", expected "{expected}")',
+                    "identity",
                 )
                 return
         registry = self.server.registry
@@ -310,7 +315,8 @@ class ControlConnection:
             and registry.connected_count() >= self.settings.max_clients
         ):
             self.hello_failed(
-                f"server full: {self.settings.max_clients} clients connected"
+                f"server full: {self.settings.max_clients} clients connected",
+                "server_full",
             )
             return
         self._cancel_timeout()
@@ -322,10 +328,15 @@ class ControlConnection:
         self.hello_stream.write(encode_hello_reply(True))
         self.hello_stream.loseConnection()
 
-    def hello_failed(self, why: str) -> None:
-        """Refuse the client: answer with the reason, then Go Away."""
+    def hello_failed(self, why: str, reason: str) -> None:
+        """Refuse the client: answer with ``why``, then Go Away.
+
+        ``reason`` is the failure's kind for metrics: bad_hello, identity,
+        server_full, timeout, closed.
+        """
         self._cancel_timeout()
         self.server.handshake_failures += 1
+        self.server.handshake_failure_reasons[reason] += 1
         log.warn("{name}: handshake refused: {why}", name=self.session.name, why=why)
         if self.hello_stream is not None and not self.hello_stream.closed:
             self.hello_stream.write(encode_hello_reply(False, why))
@@ -335,7 +346,9 @@ class ControlConnection:
     def _handshake_timed_out(self) -> None:
         self._timeout = None
         if not self.accepted:
-            self.hello_failed(f"no hello within {self.settings.handshake_timeout}s")
+            self.hello_failed(
+                f"no hello within {self.settings.handshake_timeout}s", "timeout"
+            )
 
     def _cancel_timeout(self) -> None:
         if self._timeout is not None and self._timeout.active():
@@ -421,6 +434,7 @@ class TunnelServer(Service):
         self.registry = ClientRegistry()
         self.stats = FrontendStats()
         self.handshake_failures = 0
+        self.handshake_failure_reasons: Counter[str] = Counter()
         #: How often each limit was hit, by name.
         self.limits_hit: Counter[str] = Counter()
         self.shutdown_grace = shutdown_grace

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,7 +26,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
-from threshold import logs
+from threshold import logs, metrics
 from threshold.client import (
     TunnelClient,
     local_tcp_endpoint,
@@ -159,6 +160,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         allowed_common_names=config.management_allowed_common_names,
         require_tls_identity=config.use_tls,
         apply=server.apply,
+        metrics=partial(metrics.render, metrics.server_registry(server)),
     )
     management = StreamServerEndpointService(
         _endpoint(

@@ -7,6 +7,7 @@ import os
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.support import (
@@ -108,6 +109,9 @@ class LimitTests(TestCase):
     def test_byte_counts_exact(self):
         """Per-tunnel and per-client byte counters count every relayed byte."""
         yield self.deploy()
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         sizes = [1, 1000, 300_001]
         for size in sizes:
             user = yield connect_user(self.port)
@@ -125,3 +129,11 @@ class LimitTests(TestCase):
         )
         client = stats.clients["TestClient1"]
         self.assertEqual((client.bytes_in, client.bytes_out), (total, total))
+        # One summary line per connection, with its own byte counts.
+        summaries = [e for e in events if "bytes_out" in e and "duration" in e]
+        self.assertEqual(
+            sorted((e["bytes_in"], e["bytes_out"]) for e in summaries),
+            [(n, n) for n in sorted(sizes)],
+        )
+        self.assertEqual({e["client"] for e in summaries}, {"TestClient1"})
+        self.assertEqual({e["end"] for e in summaries}, {"closed"})

@@ -7,11 +7,15 @@ connection-level detail on and off without touching other log sources.
 
 from __future__ import annotations
 
+import sys
+
 from twisted.logger import (
     FilteringLogObserver,
+    ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
     globalLogPublisher,
+    jsonFileLogObserver,
 )
 
 _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
@@ -25,3 +29,14 @@ def set_debug(enabled: bool) -> None:
     _predicate.setLogLevelForNamespace(
         "threshold", LogLevel.debug if enabled else LogLevel.info
     )
+
+
+def json_lines() -> ILogObserver:
+    """A log observer writing one JSON object per line to standard output.
+
+    For twistd: ``twistd --logger=threshold.logs.json_lines -n threshold-server
+    ...``. Each line carries the event's fields (``log_namespace``,
+    ``log_level``, ``log_time``, the message format and its values, such as
+    ``client_id`` or ``bytes_in``), ready for a log pipeline.
+    """
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")

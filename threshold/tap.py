@@ -128,6 +128,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
             max_streams=config.max_streams_per_session,
             keepalive_interval=config.keepalive_interval_seconds,
             keepalive_timeout=config.keepalive_timeout_seconds,
+            debug_frames=config.debug_log,
         ),
     )
     server = TunnelServer(
@@ -229,6 +230,7 @@ def build_client(config: ClientConfig, reactor: Any) -> MultiService:
             max_streams=config.max_streams_per_session,
             keepalive_interval=config.keepalive_interval_seconds,
             keepalive_timeout=config.keepalive_timeout_seconds,
+            debug_frames=config.debug_log,
         ),
     )
     top = MultiService()

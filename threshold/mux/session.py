@@ -81,6 +81,8 @@ class SessionConfig:
     stream_linger: float = 30.0
     #: Seconds to let the transport flush after Go Away before aborting it.
     close_timeout: float = 5.0
+    #: Log every frame sent and received at debug level (``DebugLog``).
+    debug_frames: bool = False
     #: Control-frame bytes written while the peer is not reading before the
     #: session is closed (Window Updates, RSTs: bounded, but not by windows).
     max_control_backlog: int = 1024 * 1024
@@ -313,6 +315,8 @@ class MuxSession(Protocol):
 
     def send_data(self, stream_id: int, flags: int, data: bytes) -> None:
         """Write one Data frame."""
+        if self.config.debug_frames:
+            self._log_frame("sent", TYPE_DATA, flags, stream_id, len(data))
         self.transport.writeSequence(
             [encode_header(TYPE_DATA, flags, stream_id, len(data)), data]
         )
@@ -336,6 +340,8 @@ class MuxSession(Protocol):
 
     def frame_header(self, type_: int, flags: int, stream_id: int, length: int) -> None:
         """Dispatch a frame header."""
+        if self.config.debug_frames:
+            self._log_frame("received", type_, flags, stream_id, length)
         if type_ == TYPE_DATA or type_ == TYPE_WINDOW_UPDATE:
             self._stream_frame(type_, flags, stream_id, length)
         elif type_ == TYPE_PING:
@@ -550,9 +556,30 @@ class MuxSession(Protocol):
         if not self.closed:
             self.transport.abortConnection()
 
+    def _log_frame(
+        self, what: str, type_: int, flags: int, stream_id: int, length: int
+    ) -> None:
+        self.log.debug(
+            "{name}: {what} {type} flags {flags} stream {stream_id} length {length}",
+            name=self.name,
+            what=what,
+            type=TYPE_NAMES.get(type_, type_),
+            flags=describe_flags(flags),
+            stream_id=stream_id,
+            length=length,
+        )
+
     def _write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
             return
+        if self.config.debug_frames:
+            self._log_frame(
+                "sent",
+                data[1],
+                (data[2] << 8) | data[3],
+                int.from_bytes(data[4:8], "big"),
+                int.from_bytes(data[8:12], "big"),
+            )
         if self.write_blocked:
             # Control frames are written even while the transport is full
             # (they carry window and resets), but a peer that keeps making

@@ -474,6 +474,7 @@ class ClientConfigTests(TempDirMixin, SynchronousTestCase):
             ReconnectInitialDelaySeconds=0.1,
             ReconnectMaxDelaySeconds=5,
             ConnectTimeoutSeconds=2,
+            AdminSocket="admin.sock",
         )
         self.assertEqual(set(obj) | {"ClientIdentifier"}, set(_CLIENT_FIELDS))
         config = self.parse(obj)
@@ -498,6 +499,7 @@ class ClientConfigTests(TempDirMixin, SynchronousTestCase):
             "max_receive_window_bytes": 1048576,
             "reconnect_initial_delay_seconds": 0.1,
             "reconnect_max_delay_seconds": 5.0,
+            "admin_socket": os.path.join(self.dir, "admin.sock"),
             "connect_timeout_seconds": 2.0,
             "source": "client.json",
         }

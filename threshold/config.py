@@ -113,6 +113,8 @@ class ClientConfig:
     reconnect_initial_delay_seconds: float = 1.0
     reconnect_max_delay_seconds: float = 60.0
     connect_timeout_seconds: float = 10.0
+    #: Unix socket of the client's admin API (``PUT /liveconfig``); None: off.
+    admin_socket: str | None = None
     source: str = "client config"
 
 
@@ -368,6 +370,7 @@ _CLIENT_FIELDS = (
     "ReconnectInitialDelaySeconds",
     "ReconnectMaxDelaySeconds",
     "ConnectTimeoutSeconds",
+    "AdminSocket",
 )
 
 
@@ -476,6 +479,53 @@ def parse_server_config(
     )
 
 
+def _service_map(f: _Fields) -> dict[str, tuple[str, int]]:
+    """The ``ServiceToLocalAddrMap`` field: service name -> (host, port)."""
+    if not f.has("ServiceToLocalAddrMap"):
+        raise f.error("ServiceToLocalAddrMap", "required field is missing")
+    raw_map = f.obj["ServiceToLocalAddrMap"]
+    if not isinstance(raw_map, dict):
+        raise f.wrong(
+            "ServiceToLocalAddrMap",
+            'an object of "service": "host:port"',
+            raw_map,
+        )
+    services: dict[str, tuple[str, int]] = {}
+    for service, address in raw_map.items():
+        if (
+            not isinstance(service, str)
+            or not service
+            or len(service) > _MAX_SERVICE_NAME
+            or not service.isprintable()
+        ):
+            raise f.error(
+                "ServiceToLocalAddrMap",
+                f"invalid service name {_show(service)}: expected 1 to"
+                f" {_MAX_SERVICE_NAME} printable characters",
+            )
+        entry = f"ServiceToLocalAddrMap.{service}"
+        if not isinstance(address, str):
+            raise f.wrong(entry, '"host:port"', address)
+        try:
+            services[service] = parse_host_port(address)
+        except ValueError as e:
+            raise f.error(
+                entry, f'expected "host:port", got {_show(address)}: {e}'
+            ) from None
+    return services
+
+
+def parse_service_map(raw: object, source: str) -> dict[str, tuple[str, int]]:
+    """Validate a ``ServiceToLocalAddrMap`` on its own (the client admin API).
+
+    Errors are :class:`ConfigError` naming the entry, as in a config file.
+    """
+    f = _Fields(
+        {"ServiceToLocalAddrMap": raw}, source, None, ("ServiceToLocalAddrMap",)
+    )
+    return _service_map(f)
+
+
 def parse_client_config(
     obj: object, source: str, base_dir: str | None = None
 ) -> ClientConfig:
@@ -520,37 +570,12 @@ def parse_client_config(
     use_tls = f.boolean("UseTls", True)
     tls = "UseTls" if use_tls else None
 
-    if not f.has("ServiceToLocalAddrMap"):
-        raise f.error("ServiceToLocalAddrMap", "required field is missing")
-    raw_map = f.obj["ServiceToLocalAddrMap"]
-    if not isinstance(raw_map, dict):
-        raise f.wrong(
-            "ServiceToLocalAddrMap",
-            'an object of "service": "host:port"',
-            raw_map,
+    services = _service_map(f)
+    admin_socket = f.path("AdminSocket")
+    if admin_socket is not None and not os.path.isdir(os.path.dirname(admin_socket)):
+        raise f.error(
+            "AdminSocket", f"directory {os.path.dirname(admin_socket)} does not exist"
         )
-    services: dict[str, tuple[str, int]] = {}
-    for service, address in raw_map.items():
-        if (
-            not isinstance(service, str)
-            or not service
-            or len(service) > _MAX_SERVICE_NAME
-            or not service.isprintable()
-        ):
-            raise f.error(
-                "ServiceToLocalAddrMap",
-                f"invalid service name {_show(service)}: expected 1 to"
-                f" {_MAX_SERVICE_NAME} printable characters",
-            )
-        entry = f"ServiceToLocalAddrMap.{service}"
-        if not isinstance(address, str):
-            raise f.wrong(entry, '"host:port"', address)
-        try:
-            services[service] = parse_host_port(address)
-        except ValueError as e:
-            raise f.error(
-                entry, f'expected "host:port", got {_show(address)}: {e}'
-            ) from None
 
     initial_delay = f.seconds("ReconnectInitialDelaySeconds", 1)
     max_delay = f.seconds("ReconnectMaxDelaySeconds", 60)
@@ -581,6 +606,7 @@ def parse_client_config(
         reconnect_initial_delay_seconds=initial_delay,
         reconnect_max_delay_seconds=max_delay,
         connect_timeout_seconds=f.seconds("ConnectTimeoutSeconds", 10),
+        admin_socket=admin_socket,
         source=source,
     )
 

@@ -20,6 +20,7 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     SSL4ServerEndpoint,
     TCP4ServerEndpoint,
+    UNIXServerEndpoint,
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -32,6 +33,7 @@ from threshold.client import (
     local_tcp_endpoint,
     reconnecting_service,
 )
+from threshold.client_admin import admin_site
 from threshold.config import (
     ClientConfig,
     ConfigError,
@@ -242,6 +244,13 @@ def build_client(config: ClientConfig, reactor: Any) -> MultiService:
         max_delay=config.reconnect_max_delay_seconds,
     )
     service.setServiceParent(top)
+    if config.admin_socket is not None:
+        admin = StreamServerEndpointService(
+            UNIXServerEndpoint(reactor, config.admin_socket, mode=0o600, wantPID=True),
+            admin_site(tunnel),
+        )
+        admin._raiseSynchronously = True
+        admin.setServiceParent(top)
     if not config.use_tls:
         log.warn(
             "UseTls is false: the tunnel to {server} is not encrypted or authenticated",

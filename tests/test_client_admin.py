@@ -1,0 +1,144 @@
+"""The client's admin API: live service-map changes, validation, Unix socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+from treq.testing import StubTreq
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.support import Backend, Deployment, connect_user, free_port, tunnel
+from threshold.client import TunnelClient
+from threshold.client_admin import ClientAdminAPI
+
+
+def make_tunnel() -> TunnelClient:
+    return TunnelClient(
+        "c1", {"web": ("127.0.0.1", 80)}, "server:9056", Clock(), lambda h, p: None
+    )
+
+
+class AdminAPITests(SynchronousTestCase):
+    def setUp(self):
+        self.tunnel = make_tunnel()
+        self.treq = StubTreq(ClientAdminAPI(self.tunnel).app.resource())
+
+    def put(self, body: bytes, content_type: str = "application/json"):
+        response = self.successResultOf(
+            self.treq.put(
+                "http://admin/liveconfig",
+                data=body,
+                headers={"Content-Type": [content_type]},
+            )
+        )
+        return response.code, json.loads(self.successResultOf(response.content()))
+
+    def test_get(self):
+        """GET answers the map in force, in the config file's form."""
+        response = self.successResultOf(self.treq.get("http://admin/liveconfig"))
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual(body, {"ServiceToLocalAddrMap": {"web": "127.0.0.1:80"}})
+
+    def test_put_replaces_map(self):
+        """PUT swaps the map in at once and answers it."""
+        code, body = self.put(
+            json.dumps(
+                {"ServiceToLocalAddrMap": {"ssh": "[::1]:22", "db": "localhost:5432"}}
+            ).encode()
+        )
+        self.assertEqual(code, 200)
+        self.assertEqual(
+            body,
+            {"ServiceToLocalAddrMap": {"db": "localhost:5432", "ssh": "[::1]:22"}},
+        )
+        self.assertEqual(
+            self.tunnel.services, {"ssh": ("::1", 22), "db": ("localhost", 5432)}
+        )
+
+    def test_bad_requests_change_nothing(self):
+        """Every bad body gets a clear error and leaves the map as it was."""
+        cases = [
+            (b'{"ServiceToLocalAddrMap": {"web": "nope"}}', 400, "host:port"),
+            (b'{"ServiceToLocalAddrMap": []}', 400, "ServiceToLocalAddrMap"),
+            (b'{"Other": {}}', 400, "unknown field"),
+            (b"{}", 400, "missing"),
+            (b"[1]", 422, "JSON object"),
+            (b"{", 422, "not JSON"),
+        ]
+        for body, status, fragment in cases:
+            code, answer = self.put(body)
+            self.assertEqual(code, status, body)
+            self.assertIn(fragment, answer["error"])
+        code, answer = self.put(b"{}", "text/plain")
+        self.assertEqual(code, 415)
+        self.assertEqual(self.tunnel.services, {"web": ("127.0.0.1", 80)})
+
+
+class LiveConfigTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_new_service_without_reconnecting(self):
+        """A service added over the Unix socket works; the session stays up."""
+        curl = shutil.which("curl")
+        if curl is None:
+            self.skipTest("curl not installed")
+        # Unix socket paths are short: keep it out of the deep trial folder.
+        # (Removed after the deployment stops: cleanups run last-in first.)
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        backend = Backend(echo=True)
+        backend_port = yield backend.start()
+        self.addCleanup(backend.stop)
+        deployment = Deployment(False, self.mktemp())
+        self.addCleanup(deployment.stop)
+        deployment.start_server()
+        sock = os.path.join(folder, "admin.sock")
+        deployment.start_client("TestClient1", {}, admin_socket=sock)
+        yield deployment.wait_connected("TestClient1")
+        session = deployment.server.registry.session_for("TestClient1")
+        self.assertEqual(os.stat(sock).st_mode & 0o777, 0o600)
+
+        body = json.dumps(
+            {"ServiceToLocalAddrMap": {"echo": f"127.0.0.1:{backend_port}"}}
+        )
+        result = yield deferToThread(
+            subprocess.run,
+            [
+                curl,
+                "-sS",
+                "--unix-socket",
+                sock,
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+                "http://localhost/liveconfig",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("echo", json.loads(result.stdout)["ServiceToLocalAddrMap"])
+
+        port = free_port()
+        code, answer = yield deployment.put_tunnels(
+            [tunnel("TestClient1", port, "echo")]
+        )
+        self.assertEqual(code, 200, answer)
+        user = yield connect_user(port)
+        user.transport.write(b"live")
+        user.transport.loseWriteConnection()
+        yield user.done
+        self.assertEqual(user.data, b"live")
+        self.assertIs(deployment.server.registry.session_for("TestClient1"), session)

@@ -1,0 +1,118 @@
+"""The client's admin API: change the service map without dropping the session.
+
+Served on a Unix socket (``AdminSocket`` in the client config, mode 0600),
+so only local users with access to the file can use it: there is no network
+exposure and no certificate to manage.
+
+- ``GET /liveconfig`` answers the map in force.
+- ``PUT /liveconfig`` with ``{"ServiceToLocalAddrMap": {"web":
+  "127.0.0.1:8080"}}`` validates the map like the config file does and
+  swaps it in at once: new streams use it, running connections are not
+  touched, and the session to the server stays up.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from threshold.config import ConfigError, parse_service_map
+from threshold.logs import observer as log_observer
+
+if TYPE_CHECKING:
+    from twisted.web.iweb import IRequest
+
+    from threshold.client import TunnelClient
+
+log = Logger(observer=log_observer)
+
+MAX_BODY = 1024 * 1024
+
+
+class AdminError(Exception):
+    """An admin request failed: ``status`` and a message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ClientAdminAPI:
+    """``/liveconfig`` over a :class:`~threshold.client.TunnelClient`."""
+
+    app = Klein()
+
+    def __init__(self, tunnel: TunnelClient) -> None:
+        self.tunnel = tunnel
+
+    @staticmethod
+    def _json(request: IRequest, status: int, body: object) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body).encode() + b"\n"
+
+    def _view(self) -> dict[str, object]:
+        return {
+            "ServiceToLocalAddrMap": {
+                name: _join(host, port)
+                for name, (host, port) in sorted(self.tunnel.services.items())
+            }
+        }
+
+    @app.route("/liveconfig", methods=["GET"])
+    def get_liveconfig(self, request: IRequest) -> bytes:
+        """The live configuration in force."""
+        return self._json(request, 200, self._view())
+
+    @app.route("/liveconfig", methods=["PUT"])
+    def put_liveconfig(self, request: IRequest) -> bytes:
+        """Replace the service map; answer the configuration now in force."""
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0]
+        if content_type.strip().lower() != b"application/json":
+            raise AdminError(415, "Content-Type must be application/json")
+        body = request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise AdminError(413, f"the body is larger than {MAX_BODY} bytes")
+        try:
+            document = json.loads(body)
+        except ValueError as e:
+            raise AdminError(422, f"the body is not JSON: {e}") from None
+        if not isinstance(document, dict):
+            raise AdminError(422, "the body must be a JSON object")
+        unknown = set(document) - {"ServiceToLocalAddrMap"}
+        if unknown:
+            raise AdminError(400, f"unknown field {sorted(unknown)[0]!r}")
+        if "ServiceToLocalAddrMap" not in document:
+            raise AdminError(400, 'field "ServiceToLocalAddrMap" is missing')
+        try:
+            services = parse_service_map(
+                document["ServiceToLocalAddrMap"], "liveconfig"
+            )
+        except ConfigError as e:
+            raise AdminError(400, str(e)) from None
+        self.tunnel.services = services
+        log.info(
+            "live config: service map replaced ({count} services)",
+            count=len(services),
+        )
+        return self._json(request, 200, self._view())
+
+    @app.handle_errors(AdminError)
+    def admin_error(self, request: IRequest, failure: Failure) -> bytes:
+        error: AdminError = failure.value
+        return self._json(request, error.status, {"error": error.message})
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def admin_site(tunnel: TunnelClient) -> Site:
+    """The admin API as a Site, for a Unix-socket endpoint."""
+    return Site(ClientAdminAPI(tunnel).app.resource())

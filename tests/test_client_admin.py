@@ -142,3 +142,49 @@ class LiveConfigTests(TestCase):
         yield user.done
         self.assertEqual(user.data, b"live")
         self.assertIs(deployment.server.registry.session_for("TestClient1"), session)
+
+
+class ManagementSocketTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_management_api_on_unix_socket(self):
+        """With ManagementSocket, the API answers on the socket (mode 0600)."""
+        curl = shutil.which("curl")
+        if curl is None:
+            self.skipTest("curl not installed")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        sock = os.path.join(folder, "mgmt.sock")
+        deployment = Deployment(False, self.mktemp(), management_socket=sock)
+        self.addCleanup(deployment.stop)
+        deployment.start_server()
+        self.assertEqual(os.stat(sock).st_mode & 0o777, 0o600)
+        result = yield deferToThread(
+            subprocess.run,
+            [curl, "-sS", "--unix-socket", sock, "http://localhost/ping"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        self.assertEqual(result.stdout, "pong")
+        result = yield deferToThread(
+            subprocess.run,
+            [
+                curl,
+                "-sS",
+                "--unix-socket",
+                sock,
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                "[]",
+                "http://localhost/tunnels",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        self.assertEqual(json.loads(result.stdout), [])

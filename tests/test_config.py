@@ -138,6 +138,7 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             MaxConnectionsPerSourceIp=3,
             PublicIdleTimeoutSeconds=0,
             ShutdownGraceSeconds=1.5,
+            ManagementSocket="mgmt.sock",
         )
         config = self.parse(obj)
         expected = {
@@ -167,6 +168,7 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             "max_connections_per_source_ip": 3,
             "public_idle_timeout_seconds": 0.0,
             "shutdown_grace_seconds": 1.5,
+            "management_socket": os.path.join(self.dir, "mgmt.sock"),
             "source": "server.json",
         }
         self.assertEqual(

@@ -85,6 +85,8 @@ class ServerConfig:
     public_idle_timeout_seconds: float = 0.0
     #: On stop, how long running connections may finish.
     shutdown_grace_seconds: float = 10.0
+    #: Serve the management API on this Unix socket instead of ManagementPort.
+    management_socket: str | None = None
     #: Name of the config file, the prefix of error messages (e.g. from tls).
     source: str = "server config"
 
@@ -349,6 +351,7 @@ _SERVER_FIELDS = (
     "MaxConnectionsPerSourceIp",
     "PublicIdleTimeoutSeconds",
     "ShutdownGraceSeconds",
+    "ManagementSocket",
 )
 
 _CLIENT_FIELDS = (
@@ -436,6 +439,14 @@ def parse_server_config(
         raise f.wrong(
             "Domain", 'a domain name (no spaces or "@", at most 253 chars)', domain
         )
+    management_socket = f.path("ManagementSocket")
+    if management_socket is not None and not os.path.isdir(
+        os.path.dirname(management_socket)
+    ):
+        raise f.error(
+            "ManagementSocket",
+            f"directory {os.path.dirname(management_socket)} does not exist",
+        )
     state_file = f.path("StateFile")
     if state_file is not None and not os.path.isdir(os.path.dirname(state_file)):
         raise f.error(
@@ -475,6 +486,7 @@ def parse_server_config(
             "PublicIdleTimeoutSeconds", 0, zero_ok=True
         ),
         shutdown_grace_seconds=f.seconds("ShutdownGraceSeconds", 10, zero_ok=True),
+        management_socket=management_socket,
         source=source,
     )
 

@@ -156,21 +156,29 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
     )
     control._raiseSynchronously = True
     control.setServiceParent(top)
-    api = ManagementAPI(
-        server.routes,
-        server.registry,
+    api_options: dict[str, Any] = dict(
         max_body_bytes=config.max_management_body_bytes,
-        allowed_common_names=config.management_allowed_common_names,
-        require_tls_identity=config.use_tls,
         apply=server.apply,
         metrics=partial(metrics.render, metrics.server_registry(server)),
     )
-    management = StreamServerEndpointService(
-        _endpoint(
+    if config.management_socket is not None:
+        # The socket file's permissions (0600) are the access control.
+        endpoint: IStreamServerEndpoint = UNIXServerEndpoint(
+            reactor, config.management_socket, mode=0o600, wantPID=True
+        )
+        api = ManagementAPI(server.routes, server.registry, **api_options)
+    else:
+        endpoint = _endpoint(
             reactor, config.management_listen_address, config.management_port, tls
-        ),
-        management_site(api),
-    )
+        )
+        api = ManagementAPI(
+            server.routes,
+            server.registry,
+            allowed_common_names=config.management_allowed_common_names,
+            require_tls_identity=config.use_tls,
+            **api_options,
+        )
+    management = StreamServerEndpointService(endpoint, management_site(api))
     management._raiseSynchronously = True
     management.setServiceParent(top)
     if not config.use_tls:
@@ -179,7 +187,10 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
             "any client; use TLS on any network you do not fully control",
             port=config.tunnel_control_port,
         )
-    elif config.management_allowed_common_names is None:
+    elif (
+        config.management_allowed_common_names is None
+        and config.management_socket is None
+    ):
         log.warn(
             "ManagementAllowedCommonNames is not set: any certificate from the "
             "CA, tunnel clients' included, may use the management API; set it "

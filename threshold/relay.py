@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -75,6 +75,13 @@ class RelayEnd(Protocol):
         if self._lost:
             return
         self._lost = True
+        if reason.check(ConnectionDone) and getattr(self.transport, "cut_short", False):
+            # A stream whose session ended before the stream did (a killed
+            # peer, a close after the shutdown grace) ends "cleanly" with the
+            # session, but its bytes were cut short: reset the other side.
+            reason = Failure(
+                ConnectionLost(f"session ended under the stream: {reason.value}")
+            )
         self._lost_reason = reason
         peer = self.peer
         if peer is not None:

@@ -105,6 +105,8 @@ class Stream:
         self._closing = False
         self._linger = None
         self.closed = False
+        #: True when the session ended under this stream before it finished.
+        self.cut_short = False
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -263,7 +265,13 @@ class Stream:
             self._flush()
 
     def session_lost(self, reason: Failure) -> None:
-        """The session ended under this stream."""
+        """The session ended under this stream, which had not finished.
+
+        The protocol gets the session's reason, which may be a clean one (a
+        peer process killed, Go Away then close); ``cut_short`` tells those
+        that relay the stream that its bytes were cut all the same.
+        """
+        self.cut_short = True
         self._finish(reason, notify_session=False)
 
     def receive_window_left(self) -> int:

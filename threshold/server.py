@@ -65,7 +65,6 @@ STATE_UNKNOWN = "ClientUnknown"
 STATE_CONNECTED = "ClientConnected"
 STATE_CLOSED = "ClientClosed"
 STATE_ERROR = "ClientError"
-STATE_REPLACED = "ClientReplaced"
 
 
 @dataclass

@@ -161,3 +161,18 @@ class ClientTests(SynchronousTestCase):
             FakeEndpoint(), encode_hello_reply(False, "nope")
         )
         self.assertEqual(client.streams_accepted, 0)
+
+    def test_fin_before_connected_is_passed_on(self):
+        """A request and its FIN sent before the service is up both arrive."""
+        endpoint = FakeEndpoint()
+        tunnel, client, server, pump, seen = connect(endpoint)
+        stream = server.open_stream(Collector())
+        stream.write(encode_stream_header("web") + b"request")
+        stream.loseWriteConnection()
+        pump.flush()
+        self.assertFalse(endpoint.transport.disconnecting)
+        endpoint.finish()
+        pump.flush()
+        self.assertEqual(endpoint.transport.value(), b"request")
+        # StringTransport has no half-close: the relay closes it instead.
+        self.assertTrue(endpoint.transport.disconnecting)

@@ -608,3 +608,16 @@ class WriteBacklogTests(SynchronousTestCase):
         self.assertLessEqual(len(transport.value()), 1200 + 24)
         session.connectionLost(ConnectionDone())
         self.assertIsInstance(closed[0], ProtocolViolation)
+
+
+class PausedFinTests(SynchronousTestCase):
+    def test_fin_not_delivered_while_paused(self):
+        """A FIN arriving while the reader is paused waits for resume."""
+        peer = Collector(pause_on_connect=True)
+        client, server, pump = connected_sessions(accept_on_server=lambda s: peer)
+        stream = client.open_stream(Collector())
+        stream.loseWriteConnection()
+        pump.flush()
+        self.assertFalse(peer.read_closed)
+        server.streams[stream.id].resumeProducing()
+        self.assertTrue(peer.read_closed)

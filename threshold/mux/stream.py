@@ -355,6 +355,7 @@ class Stream:
             self._remote_fin
             and not self._remote_fin_delivered
             and not self._recv_buffer
+            and not self._reading_paused
             and not self.closed
         ):
             self._remote_fin_delivered = True

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from threshold import strictjson
+
 __all__ = [
     "CLIENT_ID_PATTERN",
     "ClientConfig",
@@ -623,23 +625,6 @@ def parse_client_config(
     )
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a valid JSON number")
-
-
 def _read_json(path: str) -> tuple[object, str]:
     """Read and decode a JSON file; return (value, source name for messages)."""
     source = path
@@ -649,28 +634,16 @@ def _read_json(path: str) -> tuple[object, str]:
     except OSError as e:
         raise ConfigError(f"{source}: cannot read file: {_oserror(e)}") from None
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
+        value = strictjson.loads(data, "utf-8-sig")
+    except strictjson.NotUtf8 as e:
         raise ConfigError(
             f"{source}: not valid UTF-8 text: byte {e.start} is invalid"
         ) from None
-    try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-        )
-    except json.JSONDecodeError as e:
+    except strictjson.DuplicateKey as e:
         raise ConfigError(
-            f"{source}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+            f"{source}: field {_show(e.key)} appears more than once"
         ) from None
-    except _DuplicateKey as e:
-        raise ConfigError(
-            f"{source}: field {_show(e.args[0])} appears more than once"
-        ) from None
-    except RecursionError:
-        raise ConfigError(f"{source}: not valid JSON: nested too deeply") from None
-    except ValueError as e:
+    except strictjson.JsonError as e:
         raise ConfigError(f"{source}: not valid JSON: {e}") from None
     return value, source
 

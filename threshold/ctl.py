@@ -51,6 +51,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
+from threshold import strictjson
 from threshold.config import ConfigError
 from threshold.tls import ClientCertPolicy
 
@@ -312,19 +313,6 @@ def _https_policy(args: argparse.Namespace) -> ClientCertPolicy:
         raise UsageError(message) from None
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"the key {key!r} is given twice in an object")
-        result[key] = value
-    return result
-
-
 def _read_tunnels(path: str, stdin: IO[bytes]) -> bytes:
     """Read and check the tunnels FILE (``-``: stdin); return its bytes.
 
@@ -342,23 +330,11 @@ def _read_tunnels(path: str, stdin: IO[bytes]) -> bytes:
     except OSError as e:
         raise UsageError(f"cannot read {name}: {e.strerror or e}") from None
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{name}: not UTF-8: {e.reason} at byte {e.start}") from None
-    try:
-        tunnels = json.loads(
-            text,
-            object_pairs_hook=_no_duplicate_keys,
-            parse_constant=_reject_constant,
-        )
-    except json.JSONDecodeError as e:
-        raise UsageError(
-            f"{name}: not JSON: {e.msg} at line {e.lineno} column {e.colno}"
-        ) from None
-    except ValueError as e:
+        tunnels = strictjson.loads(data)
+    except strictjson.NotUtf8 as e:
+        raise UsageError(f"{name}: not UTF-8: {e}") from None
+    except strictjson.JsonError as e:
         raise UsageError(f"{name}: not JSON: {e}") from None
-    except RecursionError:
-        raise UsageError(f"{name}: not JSON: nested too deeply") from None
     if not isinstance(tunnels, list):
         kind = "an object" if isinstance(tunnels, dict) else type(tunnels).__name__
         raise UsageError(f"{name}: must be a JSON list of tunnels, not {kind}")

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from threshold import strictjson
+
 __all__ = [
     "MAX_LINE",
     "PROTOCOL_VERSION",
@@ -113,24 +115,6 @@ class LineBuffer:
         return line, bytes(data[index + 1 :])
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Parsers disagree on which duplicate wins; refuse instead of guessing.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def _decode(line: bytes, what: str) -> dict[str, Any]:
     """Decode one JSON object line, or raise HandshakeError naming ``what``."""
     if not isinstance(line, bytes | bytearray | memoryview):
@@ -141,22 +125,12 @@ def _decode(line: bytes, what: str) -> dict[str, Any]:
     if len(line) > MAX_LINE:
         raise HandshakeError(f"{what} is longer than {MAX_LINE} bytes")
     try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
+        value = strictjson.loads(line)
+    except strictjson.NotUtf8 as e:
         raise HandshakeError(f"{what} is not UTF-8 (byte {e.start})") from None
-    try:
-        value = json.loads(
-            text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant
-        )
-    except json.JSONDecodeError as e:
-        raise HandshakeError(
-            f"{what} is not valid JSON: {e.msg} at column {e.colno}"
-        ) from None
-    except _DuplicateKey as e:
-        raise HandshakeError(f"{what} has key {e.args[0]!r} more than once") from None
-    except RecursionError:
-        raise HandshakeError(f"{what} is not valid JSON: nested too deeply") from None
-    except ValueError as e:
+    except strictjson.DuplicateKey as e:
+        raise HandshakeError(f"{what} has key {e.key!r} more than once") from None
+    except strictjson.JsonError as e:
         raise HandshakeError(f"{what} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise HandshakeError(

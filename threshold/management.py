@@ -23,6 +23,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from threshold import strictjson
 from threshold.routes import RouteTable, Tunnel, TunnelError, parse_tunnels
 from threshold.tls import peer_common_name
 
@@ -55,41 +56,14 @@ class ApiError(Exception):
         self.message = message
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r} in an object")
-        result[key] = value
-    return result
-
-
 def _decode_json(body: bytes) -> object:
     """Decode a UTF-8 JSON body, or raise ApiError 422 saying why not."""
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(
-            422, f"the body is not UTF-8: {e.reason} at byte {e.start}"
-        ) from None
-    try:
-        return json.loads(
-            text,
-            object_pairs_hook=_no_duplicate_keys,
-            parse_constant=_reject_constant,
-        )
-    except json.JSONDecodeError as e:
-        raise ApiError(
-            422, f"the body is not JSON: {e.msg} at line {e.lineno} column {e.colno}"
-        ) from None
-    except ValueError as e:
+        return strictjson.loads(body)
+    except strictjson.NotUtf8 as e:
+        raise ApiError(422, f"the body is not UTF-8: {e}") from None
+    except strictjson.JsonError as e:
         raise ApiError(422, f"the body is not JSON: {e}") from None
-    except RecursionError:
-        raise ApiError(422, "the body is not JSON: nested too deeply") from None
 
 
 def _check_content_type(request: IRequest) -> None:

@@ -29,6 +29,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from threshold import strictjson
 from threshold.frontend import FrontendFactory, FrontendLimits, FrontendStats
 from threshold.handshake import (
     HandshakeError,
@@ -559,11 +560,11 @@ def read_state(path: str) -> list[Tunnel]:
     """Read a state file written by :func:`write_state`."""
     try:
         with open(path, "rb") as f:
-            body = json.loads(f.read())
+            body = strictjson.loads(f.read())
         return parse_tunnels(body)
     except OSError as e:
         raise StateFileError(f"{path}: cannot read: {e.strerror}") from None
-    except ValueError as e:
+    except strictjson.JsonError as e:
         raise StateFileError(f"{path}: not valid JSON: {e}") from None
     except TunnelError as e:
         raise StateFileError(f"{path}: {e.message}") from None

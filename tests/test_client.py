@@ -176,3 +176,21 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(endpoint.transport.value(), b"request")
         # StringTransport has no half-close: the relay closes it instead.
         self.assertTrue(endpoint.transport.disconnecting)
+
+
+class LocalEndpointTests(SynchronousTestCase):
+    def test_addresses_connect_directly(self):
+        """IP addresses get plain TCP endpoints; only names are resolved."""
+        from twisted.internet.endpoints import (
+            HostnameEndpoint,
+            TCP4ClientEndpoint,
+            TCP6ClientEndpoint,
+        )
+        from twisted.internet.testing import MemoryReactorClock
+
+        from threshold.client import local_tcp_endpoint
+
+        make = local_tcp_endpoint(MemoryReactorClock(), 5)
+        self.assertIsInstance(make("127.0.0.1", 80), TCP4ClientEndpoint)
+        self.assertIsInstance(make("::1", 80), TCP6ClientEndpoint)
+        self.assertIsInstance(make("localhost", 80), HostnameEndpoint)

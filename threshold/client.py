@@ -19,8 +19,13 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -161,6 +166,9 @@ class ServiceStream(Protocol):
 
 class _Once(Factory):
     """A factory for exactly one given protocol (an endpoint's connect)."""
+
+    # One per tunneled connection: "Starting factory" lines would be noise.
+    noisy = False
 
     def __init__(self, protocol: Protocol) -> None:
         self._protocol = protocol
@@ -339,9 +347,18 @@ def reconnecting_service(
 
 
 def local_tcp_endpoint(reactor: Any, timeout: float) -> Callable[[str, int], Any]:
-    """Connect to local services by host name or address."""
+    """Connect to local services by address, or by host name.
+
+    An IP address connects directly; only a name goes through
+    ``HostnameEndpoint`` (a resolver lookup in a thread, happy eyeballs),
+    which costs more than the rest of a tunneled connection together.
+    """
 
     def make(host: str, port: int) -> IStreamClientEndpoint:
+        if isIPAddress(host):
+            return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+        if isIPv6Address(host):
+            return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
         return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
     return make

@@ -42,7 +42,7 @@ from threshold.handshake import (
 )
 from threshold.logs import observer as log_observer
 from threshold.mux.session import MuxSession, SessionConfig
-from threshold.relay import RelayEnd
+from threshold.relay import RelayEnd, tune_transport
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -121,9 +121,7 @@ class ServiceStream(Protocol):
         if self.transport.closed:
             local.transport.loseConnection()
             return
-        set_nodelay = getattr(local.transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            set_nodelay(True)
+        tune_transport(local.transport)
         self.local = local
         pending, self._pending = self._pending, b""
         if pending:
@@ -198,9 +196,7 @@ class ClientSession(MuxSession):
     def connectionMade(self) -> None:  # noqa: N802
         """Say hello on stream 1."""
         super().connectionMade()
-        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            set_nodelay(True)
+        tune_transport(self.transport)
         log.info("connected to {server}; sending hello", server=self.tunnel.server)
         stream = self.open_stream(_HelloReader(self))
         stream.write(encode_hello(self.tunnel.client_id))

@@ -32,7 +32,7 @@ from threshold import clienthello, proxyheader
 from threshold.handshake import encode_stream_header
 from threshold.logs import observer as log_observer
 from threshold.mux.session import SessionClosed, StreamLimitReached
-from threshold.relay import RelayEnd
+from threshold.relay import RelayEnd, tune_transport
 from threshold.routes import GroupKey, Tunnel, format_address, needs_sni, select_route
 
 if TYPE_CHECKING:
@@ -170,9 +170,7 @@ class PublicConnection(RelayEnd):
         if ip is not None:
             self._ip = ip
             stats.per_ip[ip] = stats.per_ip.get(ip, 0) + 1
-        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            set_nodelay(True)
+        tune_transport(self.transport)
         entries = factory.routes.group(factory.key)
         if not entries:
             self._refuse("no tunnel on this address any more")

@@ -125,3 +125,15 @@ class RelayEnd(Protocol):
                 abort()
             else:
                 self.transport.loseConnection()
+
+
+def tune_transport(transport: object) -> None:
+    """Set TCP_NODELAY on a TCP transport, or on the TCP under a TLS one.
+
+    No Nagle delay: a relay forwards what it has at once, and small
+    request/response exchanges must not wait for an ACK.
+    """
+    for t in (transport, getattr(transport, "transport", None)):
+        set_nodelay = getattr(t, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)

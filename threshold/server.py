@@ -46,6 +46,7 @@ from threshold.mux.session import (
     ProtocolViolation,
     SessionConfig,
 )
+from threshold.relay import tune_transport
 from threshold.routes import RouteTable, TunnelError, parse_tunnels
 from threshold.tls import peer_common_name
 
@@ -269,9 +270,7 @@ class ControlConnection:
     def connected(self) -> None:
         """The transport is up: start the handshake clock."""
         transport = self.session.transport
-        set_nodelay = getattr(transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            set_nodelay(True)
+        tune_transport(transport)
         self.peer = _describe(transport.getPeer())
         self.session.name = f"control connection from {self.peer}"
         self._timeout = self.clock.callLater(

@@ -352,7 +352,8 @@ class BodyLimitTests(ServedTestCase):
     """The Site refuses oversized bodies before buffering them."""
 
     def setUp(self) -> None:
-        self.api, self.table = make_api(max_body_bytes=1000)
+        self.hits: list[str] = []
+        self.api, self.table = make_api(max_body_bytes=1000, limit_hit=self.hits.append)
 
     async def test_small_body_served(self):
         """A body under the limit is handled normally over a real socket."""
@@ -378,6 +379,7 @@ class BodyLimitTests(ServedTestCase):
             b"Content-Length: 10000000000\r\n\r\n[{}, {}, {",
         )
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertEqual(self.hits, ["management_body"])
         self.assertNotIn(b"100 Continue", answer)
         head, _, body = answer.partition(b"\r\n\r\n")
         self.assertIn(b"Content-Type: application/json", head)

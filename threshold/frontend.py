@@ -233,7 +233,11 @@ class PublicConnection(RelayEnd):
         stream_end = _ServiceSide(self)
         try:
             stream = session.open_stream(stream_end)
-        except (SessionClosed, StreamLimitReached) as e:
+        except StreamLimitReached as e:
+            factory.limit_hit("streams_per_session")
+            self._refuse(str(e), no_client=True)
+            return
+        except SessionClosed as e:
             self._refuse(str(e), no_client=True)
             return
         self._routed = True

@@ -115,8 +115,11 @@ class ManagementAPI:
         require_tls_identity: bool = False,
         apply: Callable[[list[Tunnel]], Deferred[list[Tunnel]]] | None = None,
         metrics: Callable[[], bytes] | None = None,
+        limit_hit: Callable[[str], None] = lambda name: None,
     ) -> None:
         self._routes = routes
+        #: Counts a limit hit by name (the server's counter, for metrics).
+        self.limit_hit = limit_hit
         self._metrics = metrics
         # The server passes its own apply, which also persists the new set.
         self._apply = apply if apply is not None else routes.apply
@@ -204,6 +207,7 @@ class ManagementAPI:
         return self._json(request, 200, [t.to_json() for t in applied])
 
     def _too_large(self) -> ApiError:
+        self.limit_hit("management_body")
         return ApiError(413, f"the body is larger than {self.max_body_bytes} bytes")
 
     # -- errors, mapped in one place ---------------------------------------
@@ -263,6 +267,7 @@ class _LimitedRequest(Request):
     """
 
     max_body_bytes = 1048576
+    limit_hit: Callable[[str], None] = staticmethod(lambda name: None)
     _refused = False
     _received = 0
 
@@ -304,6 +309,7 @@ class _LimitedRequest(Request):
             limit=self.max_body_bytes,
             peer=str(self.channel.transport.getPeer()),
         )
+        self.limit_hit("management_body")
         # The channel has not started a response for this request, so the
         # answer is written straight to the transport, as Twisted does for
         # its own 400s.
@@ -329,6 +335,11 @@ def management_site(api: ManagementAPI, timeout: float = 60) -> Site:
     ``timeout`` closes idle connections after that many seconds.
     """
     limited = type(
-        "LimitedRequest", (_LimitedRequest,), {"max_body_bytes": api.max_body_bytes}
+        "LimitedRequest",
+        (_LimitedRequest,),
+        {
+            "max_body_bytes": api.max_body_bytes,
+            "limit_hit": staticmethod(api.limit_hit),
+        },
     )
     return _ManagementSite(api.app.resource(), requestFactory=limited, timeout=timeout)

@@ -160,6 +160,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         max_body_bytes=config.max_management_body_bytes,
         apply=server.apply,
         metrics=partial(metrics.render, metrics.server_registry(server)),
+        limit_hit=server.limit_hit,
     )
     if config.management_socket is not None:
         # The socket file's permissions (0600) are the access control.

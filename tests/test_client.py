@@ -194,3 +194,19 @@ class LocalEndpointTests(SynchronousTestCase):
         self.assertIsInstance(make("127.0.0.1", 80), TCP4ClientEndpoint)
         self.assertIsInstance(make("::1", 80), TCP6ClientEndpoint)
         self.assertIsInstance(make("localhost", 80), HostnameEndpoint)
+
+
+class CancelTests(SynchronousTestCase):
+    def test_stream_reset_while_connecting(self):
+        """A stream reset while its service connects cancels the attempt quietly."""
+        endpoint = FakeEndpoint()
+        tunnel, client, server, pump, seen = connect(endpoint)
+        stream = server.open_stream(Collector())
+        stream.write(encode_stream_header("web"))
+        pump.flush()
+        factory, pending = endpoint.pending
+        stream.abortConnection()
+        pump.flush()
+        # Cancelled, and the cancellation handled (no failure left over).
+        self.assertIsNone(self.successResultOf(pending))
+        self.assertEqual(tunnel.local_failures, 0)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -63,7 +63,7 @@ class ServiceStream(Protocol):
     def __init__(self, tunnel: TunnelClient) -> None:
         self.tunnel = tunnel
         self.buffer = LineBuffer()
-        self.end = RelayEnd(on_close=self._stream_closed)
+        self.end = RelayEnd()
         self.local: RelayEnd | None = None
         self.service: str | None = None
         self._pending = b""
@@ -131,6 +131,9 @@ class ServiceStream(Protocol):
 
     def _failed(self, failure: Failure) -> None:
         self._connecting = None
+        if failure.check(CancelledError):
+            # The stream ended while we were connecting (connectionLost).
+            return
         self.tunnel.local_failures += 1
         log.warn(
             'stream {stream_id}: cannot connect to service "{service}": {why}; reset',
@@ -157,9 +160,6 @@ class ServiceStream(Protocol):
         if self._connecting is not None:
             self._connecting.cancel()
         self.end.connectionLost(reason)
-
-    def _stream_closed(self, reason: Failure) -> None:
-        pass
 
 
 class _Once(Factory):

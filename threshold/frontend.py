@@ -256,17 +256,19 @@ class PublicConnection(RelayEnd):
             self._idle_call = self.clock.callLater(
                 factory.limits.idle_timeout, self._idle_check
             )
-        stream.write(encode_stream_header(tunnel.backend_service))
+        # Header, PROXY header and the bytes read so far go out as one Data
+        # frame, right behind the SYN: the client needs no round trip.
+        opening = [encode_stream_header(tunnel.backend_service)]
         if tunnel.proxy_protocol:
-            stream.write(
+            opening.append(
                 proxyheader.build(
                     tunnel.proxy_protocol_version,
                     self.transport.getPeer(),
                     self.transport.getHost(),
                 )
             )
-        if first_bytes:
-            stream.write(first_bytes)
+        opening.append(first_bytes)
+        stream.writeSequence(opening)
         self.join(stream_end)
         log.debug(
             "{peer} on {group} -> client {client} service {service} (stream "

@@ -8,13 +8,13 @@ import socket
 import ssl
 import subprocess
 import time
-import warnings
 from collections.abc import Iterable
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from tests.tlshello import python_hello
 from threshold.clienthello import (
     DEFAULT_MAX_SIZE,
     Hello,
@@ -107,33 +107,6 @@ def key_share(*shares: tuple[int, int]) -> tuple[int, bytes]:
 
 
 # Real hellos ---------------------------------------------------------------
-
-
-def python_hello(
-    server_hostname: str | None,
-    minimum: ssl.TLSVersion | None = None,
-    maximum: ssl.TLSVersion | None = None,
-    ciphers: str | None = None,
-) -> bytes:
-    """The first flight of Python's ssl client, read from a memory BIO."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if server_hostname is None:
-        context.check_hostname = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        if minimum is not None:
-            context.minimum_version = minimum
-        if maximum is not None:
-            context.maximum_version = maximum
-    if ciphers is not None:
-        context.set_ciphers(ciphers)
-    outgoing = ssl.MemoryBIO()
-    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_hostname)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
 
 
 @functools.cache

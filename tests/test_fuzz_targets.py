@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import json
 import random
-import ssl
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fuzz.targets import TARGETS
+from tests.tlshello import python_hello
 from threshold import handshake
 from threshold.mux import frames as F
-
-
-def client_hello(name: str) -> bytes:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
 
 
 def seeds() -> dict[str, list[bytes]]:
@@ -64,7 +51,7 @@ def seeds() -> dict[str, list[bytes]]:
             handshake.encode_hello_reply(False, "nope"),
             handshake.encode_stream_header("web"),
         ],
-        "clienthello": [client_hello("a.example.com"), client_hello("x")],
+        "clienthello": [python_hello("a.example.com"), python_hello("x")],
         "config": [json.dumps(server).encode(), json.dumps(client).encode()],
         "api": [json.dumps(tunnels).encode(), b"[]", b"{}"],
     }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import ssl
 from typing import Any
 
 from proxyprotocol.result import ProxyResult, ProxyResultIPv4, ProxyResultIPv6
@@ -32,6 +31,7 @@ from tests.support import (
     tunnel,
     wait_until,
 )
+from tests.tlshello import python_hello
 
 CLIENT = "TestClient1"
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -244,7 +244,7 @@ class ProxyProtocolTests(TestCase):
         code, body = yield self.deployment.put_tunnels(entries)
         self.assertEqual(code, 200, body)
         for name, version in [("a.example.com", 1), ("other.org", 2)]:
-            hello = _client_hello(name)
+            hello = python_hello(name)
             user, connection = yield self.send_all("::1", port, hello + b"after")
             found, header, rest = split_header(connection.data)
             self.assertEqual(found, version, name)
@@ -277,17 +277,3 @@ class ProxyProtocolTests(TestCase):
             seen,
             {u.host.port: b"user %d" % i for i, u in enumerate(users)},
         )
-
-
-def _client_hello(server_name: str) -> bytes:
-    """The ClientHello a Python TLS client sends for ``server_name``."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()

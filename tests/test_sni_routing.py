@@ -34,6 +34,7 @@ from tests.support import (
     tunnel,
     wait_until,
 )
+from tests.tlshello import python_hello
 from threshold import clienthello
 
 CLIENT = "TestClient1"
@@ -48,34 +49,6 @@ FULL_GROUP = [
 NO_FALLBACK_GROUP = FULL_GROUP[:2]
 
 NOT_TLS = b"GET / HTTP/1.0\r\n\r\n"
-
-
-def make_hello(
-    server_name: str | None,
-    minimum: ssl.TLSVersion | None = None,
-    maximum: ssl.TLSVersion | None = None,
-) -> bytes:
-    """The ClientHello bytes a Python TLS client sends first.
-
-    The handshake runs over memory BIOs and stops when it wants the server's
-    answer, so the return value is exactly what a real client would write.
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if minimum is not None:
-        context.minimum_version = minimum
-    if maximum is not None:
-        context.maximum_version = maximum
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    hello = outgoing.read()
-    assert hello, "the TLS client wrote no ClientHello"
-    return hello
 
 
 def hello_extensions(data: bytes) -> dict[int, bytes]:
@@ -256,39 +229,39 @@ class RoutingMixin:
 
     def test_exact_name(self):
         """A hello for a.example.com goes to the exact entry, bytes unchanged."""
-        hello = make_hello("a.example.com")
+        hello = python_hello("a.example.com")
         self.assertEqual(sni_of(hello), "a.example.com")
         return self.route(hello, "svcA")
 
     def test_exact_name_case_and_trailing_dot(self):
         """A.Example.COM. matches the exact entry: case and final dot ignored."""
-        hello = make_hello("A.Example.COM.")
+        hello = python_hello("A.Example.COM.")
         self.assertEqual(sni_of(hello), "A.Example.COM.")
         return self.route(hello, "svcA")
 
     def test_wildcard_one_label(self):
         """b.example.com matches *.example.com."""
-        hello = make_hello("b.example.com")
+        hello = python_hello("b.example.com")
         self.assertEqual(sni_of(hello), "b.example.com")
         return self.route(hello, "svcB")
 
     def test_wildcard_several_labels(self):
         """x.y.example.com matches *.example.com (one or more labels, routes.py)."""
-        hello = make_hello("x.y.example.com")
+        hello = python_hello("x.y.example.com")
         self.assertEqual(sni_of(hello), "x.y.example.com")
         return self.route(hello, "svcB")
 
     def test_wildcard_does_not_match_bare_domain(self):
         """example.com itself does not match *.example.com: it falls back to '*'."""
-        return self.route(make_hello("example.com"), "svcC")
+        return self.route(python_hello("example.com"), "svcC")
 
     def test_other_name_falls_back(self):
         """A name no glob matches goes to the '*' entry."""
-        return self.route(make_hello("other.org"), "svcC")
+        return self.route(python_hello("other.org"), "svcC")
 
     def test_no_sni_falls_back(self):
         """A hello without SNI goes to the '*' entry."""
-        hello = make_hello(None)
+        hello = python_hello(None)
         self.assertIsNone(sni_of(hello))
         return self.route(hello, "svcC")
 
@@ -371,7 +344,7 @@ class TlsClientTests(_Fixture):
             return parse(data, max_size)
 
         self.patch(clienthello, "parse_client_hello", counting)
-        hello = make_hello("x.y.example.com")
+        hello = python_hello("x.y.example.com")
         (port,) = yield self.put_groups(FULL_GROUP)
         received = yield deferToThread(_send_one_byte_at_a_time, port, hello)
         self.assertEqual(received, b"")
@@ -387,7 +360,7 @@ class TlsClientTests(_Fixture):
     @inlineCallbacks
     def test_tls12_only_hello(self):
         """A TLS 1.2-only hello (no supported_versions) routes by its SNI."""
-        hello = make_hello("a.example.com", maximum=ssl.TLSVersion.TLSv1_2)
+        hello = python_hello("a.example.com", maximum=ssl.TLSVersion.TLSv1_2)
         self.assertNotIn(0x002B, hello_extensions(hello))
         (port,) = yield self.put_groups(FULL_GROUP)
         user, before = yield self.send(port, hello)
@@ -396,7 +369,7 @@ class TlsClientTests(_Fixture):
     @inlineCallbacks
     def test_tls13_only_hello(self):
         """A TLS 1.3-only hello (supported_versions, key_share) routes by its SNI."""
-        hello = make_hello("b.example.com", minimum=ssl.TLSVersion.TLSv1_3)
+        hello = python_hello("b.example.com", minimum=ssl.TLSVersion.TLSv1_3)
         extensions = hello_extensions(hello)
         self.assertIn(0x002B, extensions)
         self.assertIn(0x0033, extensions)
@@ -407,7 +380,7 @@ class TlsClientTests(_Fixture):
     @inlineCallbacks
     def test_hello_split_over_records(self):
         """A hello split over several TLS records routes, replayed unchanged."""
-        hello = make_hello("a.example.com")
+        hello = python_hello("a.example.com")
         message = hello[5:]
         records = b"".join(
             hello[:3] + len(chunk).to_bytes(2, "big") + chunk
@@ -422,7 +395,7 @@ class TlsClientTests(_Fixture):
     @inlineCallbacks
     def test_bytes_after_hello_follow_it(self):
         """Bytes sent with or after the hello reach the backend after it, in order."""
-        hello = make_hello("a.example.com")
+        hello = python_hello("a.example.com")
         (port,) = yield self.put_groups(FULL_GROUP)
         user, before = yield self.send(port, hello + b"early")
         backend = self.backends["svcA"]
@@ -438,7 +411,7 @@ class RefusalTests(_Fixture):
     def test_matching_name_still_routes(self):
         """In a group without '*', a matching name routes as usual."""
         (port,) = yield self.put_groups(NO_FALLBACK_GROUP)
-        hello = make_hello("c.example.com")
+        hello = python_hello("c.example.com")
         user, before = yield self.send(port, hello)
         yield self.assert_routed(user, hello, "svcB", before)
 
@@ -447,7 +420,7 @@ class RefusalTests(_Fixture):
         """Unknown name, no SNI, not TLS: the user is closed, no backend is used."""
         (port,) = yield self.put_groups(NO_FALLBACK_GROUP)
         stats = self.deployment.server.stats
-        for data in [make_hello("other.org"), make_hello(None), NOT_TLS]:
+        for data in [python_hello("other.org"), python_hello(None), NOT_TLS]:
             refused = stats.refused_no_route
             user, before = yield self.send(port, data)
             yield self.assert_closed(user, before)
@@ -462,7 +435,7 @@ class RefusalTests(_Fixture):
         registry = self.deployment.server.registry
         yield wait_until(lambda: not registry.is_connected(CLIENT), what="gone")
         stats = self.deployment.server.stats
-        for data in [make_hello("a.example.com"), NOT_TLS]:
+        for data in [python_hello("a.example.com"), NOT_TLS]:
             refused = stats.refused_no_client
             user, before = yield self.send(port, data)
             yield self.assert_closed(user, before)
@@ -498,7 +471,7 @@ class SlowAndBadInputTests(_Fixture):
         stats = self.deployment.server.stats
         start = time.monotonic()
         silent = yield connect_user(port)
-        hello = make_hello("a.example.com")
+        hello = python_hello("a.example.com")
         half, _ = yield self.send(port, hello[: len(hello) // 2])
         # Meanwhile a user with a whole hello is routed at once.
         user, before = yield self.send(port, hello)
@@ -534,7 +507,7 @@ class SlowAndBadInputTests(_Fixture):
     def test_garbage(self):
         """Garbage goes to '*' unchanged, or is closed without it; nothing raises."""
         rng = random.Random(4)
-        valid = make_hello("a.example.com")
+        valid = python_hello("a.example.com")
         bad_length = bytearray(valid)
         # The extensions block's length, made to run past the message.
         # Python's hello is one record ending with the extensions.

@@ -24,6 +24,13 @@ workloads directly against the backend and through each tunnel:
 - resident memory of a fresh server and client, idle and with 1,000 and
   10,000 open tunneled connections.
 
+When OpenSSH is installed (``sshd``, ``ssh`` and ``ssh-keygen`` on PATH or
+in /usr/sbin; ``apt-get install openssh-server openssh-client``), every
+workload also runs through an SSH reverse tunnel, ``ssh -N -R`` to a
+private sshd (``sshtunnel.py``), the alternative a self-hoster would most
+often pick; ``--no-ssh`` skips it, and it is skipped with a note when
+OpenSSH is missing. SSH is always encrypted: compare it with tunnel+TLS.
+
 Every short measurement is repeated and the median printed with its ratio
 to the direct run. Progress goes to stderr, the report to stdout. Every
 child runs in its own process group and is stopped at the end, on errors
@@ -33,7 +40,9 @@ and on Ctrl-C too. See docs/performance.md for what the figures mean.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import functools
 import json
 import os
 import platform
@@ -56,6 +65,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sshtunnel import (
+    INSTALL_HINT,
+    OpenSsh,
+    SshError,
+    SshServer,
+    descendants,
+    privsep_directory,
+    start_time,
+)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEERS = HERE / "tunnel_peers.py"
@@ -65,6 +84,10 @@ MB = 1_000_000
 GB = 1_000_000_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SMALL = 100  # bytes of each small request and reply
+PR_SET_PDEATHSIG = 1  # prctl option, linux/prctl.h
+_libc = ctypes.CDLL(None, use_errno=True)
+#: The columns of the report, in order; "ssh -R" only when OpenSSH is there.
+PATHS = ("direct", "tunnel", "tunnel+TLS", "ssh -R")
 
 # twistd as ``twistd -n --pidfile= threshold-server -c server.json``, plus a
 # thread that stops it (SIGTERM, twistd's clean stop) when its stdin, a pipe
@@ -105,10 +128,12 @@ class Child:
         *,
         cwd: Path | None = None,
         line_output: bool = True,
+        kill_tree: bool = False,
     ) -> None:
         self.name = name
         self.log_path = logdir / f"{name}.log"
         self._log = open(self.log_path, "wb")
+        self.kill_tree = kill_tree
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             argv,
@@ -118,6 +143,9 @@ class Child:
             cwd=cwd,
             env=env,
             start_new_session=True,
+            # Programs that do not watch their stdin (sshd, ssh) get SIGTERM
+            # from the kernel if the benchmark dies without stopping them.
+            preexec_fn=_die_with_parent if kill_tree else None,
         )
         self._buffer = b""
 
@@ -171,7 +199,15 @@ class Child:
         return "\n    ".join([""] + text[-lines:])
 
     def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL it if still there after 5 s."""
+        """SIGTERM the process group, SIGKILL it if still there after 5 s.
+
+        With ``kill_tree``, every process below the child goes the same way,
+        also those that left its process group (sshd's per-connection
+        processes call ``setsid``).
+        """
+        tree = []
+        if self.kill_tree:
+            tree = [(pid, start_time(pid)) for pid in descendants(self.proc.pid)]
         try:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
@@ -183,6 +219,8 @@ class Child:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 say(f"  {self.name} did not stop on SIGTERM; killing it")
+        if tree:
+            _stop_processes(tree, self.name)
         # Whatever is left in the group (there should be nothing) goes too.
         self._signal(signal.SIGKILL)
         self.proc.wait()
@@ -194,6 +232,33 @@ class Child:
         try:
             os.killpg(self.proc.pid, sig)
         except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask for SIGTERM when the parent dies."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _stop_processes(tree: list[tuple[int, int | None]], name: str) -> None:
+    """SIGTERM each (pid, start time) still alive; SIGKILL it after 5 s."""
+
+    def living() -> list[int]:
+        return [pid for pid, t in tree if t is not None and start_time(pid) == t]
+
+    for pid in living():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while living() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in living():
+        say(f"  process {pid} below {name} did not stop on SIGTERM; killing it")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
 
 
@@ -238,6 +303,45 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise BenchError(f"no VmRSS for process {pid}")
+
+
+#: The processes of one way to the backend: (server side, client side).
+Groups = tuple[list[int], list[int]]
+#: CPU seconds of each process, per side, at one moment.
+CpuSnapshot = tuple[dict[int, float], dict[int, float]]
+
+
+def cpu_snapshot(groups: Groups) -> CpuSnapshot:
+    """CPU seconds so far of every process of both sides."""
+
+    def side(pids: list[int]) -> dict[int, float]:
+        seconds = {}
+        for pid in pids:
+            try:
+                seconds[pid] = cpu_seconds(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # gone meanwhile
+        return seconds
+
+    return side(groups[0]), side(groups[1])
+
+
+def cpu_used(before: CpuSnapshot, after: CpuSnapshot) -> tuple[float, float]:
+    """CPU seconds each side used between two snapshots.
+
+    A process that appeared in between counts whole; one that ended in
+    between is not seen (none does while a measurement runs).
+    """
+
+    def used(b: dict[int, float], a: dict[int, float]) -> float:
+        return sum(t - b.get(pid, 0.0) for pid, t in a.items())
+
+    return used(before[0], after[0]), used(before[1], after[1])
+
+
+def rss_sides(groups: Groups) -> list[int]:
+    """Resident memory of each side: the sum over its processes."""
+    return [sum(rss_bytes(pid) for pid in pids) for pids in groups]
 
 
 def free_port() -> int:
@@ -432,10 +536,10 @@ class Deployment:
         except (urllib.error.URLError, OSError) as e:
             raise BenchError(f"{method} {url}: {e}") from None
 
-    def processes(self, client_id: str) -> tuple[int, int]:
-        """(server pid, client pid)."""
+    def processes(self, client_id: str) -> Groups:
+        """([server pid], [client pid])."""
         assert self.server is not None
-        return self.server.pid, self.clients[client_id].pid
+        return [self.server.pid], [self.clients[client_id].pid]
 
     def stop(self) -> None:
         for child in self.clients.values():
@@ -502,13 +606,18 @@ def settings_for(args: argparse.Namespace) -> Settings:
     )
 
 
+#: What the measurements need of a deployment: a threshold one or sshd.
+Tunnels = Deployment | SshServer
+
+
 @dataclass
 class Target:
     """A way to the backend: directly, or through one deployment's tunnel."""
 
     name: str
     port: int
-    pids: tuple[int, int] | None = None  # server, client
+    #: The server's and the client's processes, looked up when measured.
+    processes: Callable[[], Groups] | None = None
 
 
 def median(values: Iterable[float]) -> float:
@@ -531,7 +640,7 @@ class Bench:
         self, path: Target, direction: str, conns: int, total: int, check: bool
     ) -> dict:
         per_conn = max(1, total // conns)
-        before = [cpu_seconds(pid) for pid in path.pids] if path.pids else None
+        before = cpu_snapshot(path.processes()) if path.processes else None
         r = self.loadgen.request(
             op="bulk",
             direction=direction,
@@ -542,11 +651,11 @@ class Bench:
             timeout=300,
         )
         r["rate"] = r["bytes"] / r["elapsed"]
-        if path.pids and before is not None:
-            after = [cpu_seconds(pid) for pid in path.pids]
+        if path.processes and before is not None:
+            server, client = cpu_used(before, cpu_snapshot(path.processes()))
             gb = r["bytes"] / GB
-            r["cpu_server"] = (after[0] - before[0]) / gb
-            r["cpu_client"] = (after[1] - before[1]) / gb
+            r["cpu_server"] = server / gb
+            r["cpu_client"] = client / gb
         return r
 
     def bulk(self, paths: list[Target]) -> None:
@@ -583,7 +692,7 @@ class Bench:
                     "runs": [round(r["rate"] / MB) for r in rs],
                     "bytes": sizes[path.name],
                 }
-                if path.pids:
+                if path.processes:
                     row[path.name]["cpu_server"] = median(r["cpu_server"] for r in rs)
                     row[path.name]["cpu_client"] = median(r["cpu_client"] for r in rs)
             say(
@@ -626,7 +735,7 @@ class Bench:
             runs: dict[str, list[dict]] = {p.name: [] for p in paths}
             for _ in range(self.s.repeat):
                 for path in paths:
-                    before = [cpu_seconds(p) for p in path.pids or ()]
+                    before = cpu_snapshot(path.processes()) if path.processes else None
                     r = self.loadgen.request(
                         op="conn",
                         port=path.port,
@@ -635,10 +744,11 @@ class Bench:
                         clients=clients,
                         timeout=self.s.conn_seconds + 120,
                     )
-                    if path.pids:
-                        after = [cpu_seconds(p) for p in path.pids]
-                        r["cpu_server"] = (after[0] - before[0]) / r["count"]
-                        r["cpu_client"] = (after[1] - before[1]) / r["count"]
+                    if path.processes and before is not None:
+                        after = cpu_snapshot(path.processes())
+                        server, client = cpu_used(before, after)
+                        r["cpu_server"] = server / r["count"]
+                        r["cpu_client"] = client / r["count"]
                     runs[path.name].append(r)
             row = {}
             for path in paths:
@@ -650,7 +760,7 @@ class Bench:
                     "errors": sum(r["errors"] for r in rs),
                     "first_errors": [e for r in rs for e in r["first_errors"]][:3],
                 }
-                if path.pids:
+                if path.processes:
                     row[path.name]["cpu_server"] = median(r["cpu_server"] for r in rs)
                     row[path.name]["cpu_client"] = median(r["cpu_client"] for r in rs)
             table[clients] = row
@@ -664,13 +774,13 @@ class Bench:
 
     # long-distance paths ---------------------------------------------------
 
-    def far(self, rtt: int, direct: Target, tunnel: Target) -> None:
+    def far(self, rtt: int, paths: list[Target]) -> None:
         """One connection's throughput over the delay line, both ways."""
         result = {}
         for direction in ("down", "up"):
-            runs: dict[str, list[dict]] = {direct.name: [], tunnel.name: []}
+            runs: dict[str, list[dict]] = {p.name: [] for p in paths}
             for _ in range(self.s.far_repeat):
-                for path in (direct, tunnel):
+                for path in paths:
                     runs[path.name].append(
                         self.bulk_once(path, direction, 1, self.s.far_bytes, False)
                     )
@@ -682,6 +792,13 @@ class Bench:
                         if direction == "down"
                         else None
                     ),
+                    # From the request, sent right after connect, to the first
+                    # byte of the download.
+                    "first_byte": (
+                        median(r["first_byte"] for r in rs)
+                        if direction == "down"
+                        else None
+                    ),
                     "runs": [round(r["rate"] / MB, 2) for r in rs],
                 }
                 for name, rs in runs.items()
@@ -690,9 +807,9 @@ class Bench:
                 f"  {rtt} ms {direction}: MB/s per run "
                 + "; ".join(f"{n} {v['runs']}" for n, v in result[direction].items())
             )
-        self.figures.setdefault("far", {})[rtt] = result
+        self.figures.setdefault("far", {}).setdefault(rtt, {}).update(result)
 
-    def blocked(self, tunnel: Target, deployment: Deployment, client_id: str) -> None:
+    def blocked(self, tunnel: Target, deployment: Tunnels, client_id: str) -> None:
         """Download on one stream, without and with a blocked stream beside it."""
 
         def downloads() -> list[dict]:
@@ -701,17 +818,18 @@ class Bench:
                 for _ in range(self.s.far_repeat)
             ]
 
-        assert tunnel.pids is not None
-        rss_before = [rss_bytes(p) for p in tunnel.pids]
+        assert tunnel.processes is not None
+        rss_before = rss_sides(tunnel.processes())
         free = downloads()
         self.loadgen.request(op="block", port=tunnel.port, bytes=1 << 50)
         time.sleep(2.0)  # let the blocked stream fill its window and buffers
         streams = deployment.open_streams(client_id)
-        rss_blocked = [rss_bytes(p) for p in tunnel.pids]
+        rss_blocked = rss_sides(tunnel.processes())
         with_block = downloads()
-        rss_after = [rss_bytes(p) for p in tunnel.pids]
+        rss_after = rss_sides(tunnel.processes())
         self.loadgen.request(op="unblock")
-        self.figures["blocked"] = {
+        blocked = self.figures.setdefault("blocked", {})
+        blocked[tunnel.name] = {
             "without": median(r["rate"] for r in free),
             "with": median(r["rate"] for r in with_block),
             "runs": (
@@ -723,30 +841,28 @@ class Bench:
             "rss_blocked": rss_blocked,
             "rss_after": rss_after,
         }
-        say(f"  blocked stream: {self.figures['blocked']['runs']}")
+        say(f"  blocked stream, {tunnel.name}: {blocked[tunnel.name]['runs']}")
 
     # memory ----------------------------------------------------------------
 
-    def memory(self, mode: str, deployment: Deployment, client_id: str) -> None:
+    def memory(self, mode: str, deployment: Tunnels, client_id: str) -> None:
         """RSS of a fresh server and client, idle and with N connections."""
         port = deployment.tunnels[client_id]
-        pids = deployment.processes(client_id)
         # Warm up: the first connections import and allocate what every
         # connection needs once; "idle" is measured after that.
         self.loadgen.request(op="hold", port=port, count=100)
         self.loadgen.request(op="release")
         self._wait_streams(deployment, client_id, 0)
         time.sleep(1.0)
-        points = [{"count": 0, "rss": [rss_bytes(p) for p in pids]}]
+        points = [{"count": 0, **self._rss(deployment, client_id)}]
         for round_ in range(self.s.memory_rounds):
             points += self._memory_round(mode, deployment, client_id, round_)
         self.figures.setdefault("memory", {})[mode] = points
 
     def _memory_round(
-        self, mode: str, deployment: Deployment, client_id: str, round_: int
+        self, mode: str, deployment: Tunnels, client_id: str, round_: int
     ) -> list[dict]:
         port = deployment.tunnels[client_id]
-        pids = deployment.processes(client_id)
         points = []
         held = 0
         for count in self.s.memory_counts:
@@ -758,7 +874,7 @@ class Bench:
             point = {
                 "count": held,
                 "asked": count,
-                "rss": [rss_bytes(p) for p in pids],
+                **self._rss(deployment, client_id),
                 "seconds": r["elapsed"],
                 "errors": r["errors"],
                 "first_errors": r["first_errors"],
@@ -780,15 +896,22 @@ class Bench:
         points.append(
             {
                 "count": "released",
-                "rss": [rss_bytes(p) for p in pids],
+                **self._rss(deployment, client_id),
                 "ok": drained,
                 "round": round_,
             }
         )
         return points
 
+    @staticmethod
+    def _rss(deployment: Tunnels, client_id: str) -> dict[str, list]:
+        """RSS of each side (summed), and of each process as well."""
+        groups = deployment.processes(client_id)
+        each = [[rss_bytes(pid) for pid in pids] for pids in groups]
+        return {"rss": [sum(side) for side in each], "rss_each": each}
+
     def _wait_streams(
-        self, deployment: Deployment, client_id: str, target: int, timeout: float = 30
+        self, deployment: Tunnels, client_id: str, target: int, timeout: float = 30
     ) -> bool:
         deadline = time.monotonic() + timeout
         while deployment.open_streams(client_id) > target:
@@ -831,6 +954,22 @@ def machine() -> dict[str, str]:
     }
 
 
+def find_ssh(args: argparse.Namespace, info: dict[str, Any]) -> OpenSsh | None:
+    """OpenSSH's programs, unless ``--no-ssh`` or missing; notes why in ``info``."""
+    if args.no_ssh:
+        info["ssh"] = "skipped (--no-ssh)"
+        return None
+    tools = OpenSsh.find()
+    if tools is None:
+        info["ssh"] = f"skipped: sshd, ssh or ssh-keygen not found ({INSTALL_HINT})"
+        say(f"ssh -R columns {info['ssh']}")
+        return None
+    info["ssh"] = f"{tools.version()}, {tools.sshd}"
+    if privsep_directory():
+        say("created /run/sshd, which a root sshd needs")
+    return tools
+
+
 def run(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     """Start everything, measure into ``figures``, stop everything."""
     s = settings_for(args)
@@ -868,17 +1007,46 @@ def run(args: argparse.Namespace, figures: dict[str, Any]) -> None:
             d.start_server()
             return d
 
+        tools = find_ssh(args, info)
+
+        def ssh_server(name: str) -> SshServer:
+            assert tools is not None
+            server = SshServer(
+                tools, workdir / name, children, name=name, cipher=args.ssh_cipher
+            )
+            server.start()
+            info.setdefault("ssh_cipher", server.negotiated_cipher())
+            return server
+
         if sections & {"bulk", "rr", "conn", "far"}:
-            say("starting the tunnels (plain and TLS)")
+            say("starting the tunnels (plain, TLS" + (", ssh -R)" if tools else ")"))
             plain = deployment("plain", False)
             tls = deployment("tls", True)
             plain.start_client("bench")
             tls.start_client("bench")
             paths = [
                 Target("direct", backend_port),
-                Target("tunnel", plain.open_tunnel("bench"), plain.processes("bench")),
-                Target("tunnel+TLS", tls.open_tunnel("bench"), tls.processes("bench")),
+                Target(
+                    "tunnel",
+                    plain.open_tunnel("bench"),
+                    functools.partial(plain.processes, "bench"),
+                ),
+                Target(
+                    "tunnel+TLS",
+                    tls.open_tunnel("bench"),
+                    functools.partial(tls.processes, "bench"),
+                ),
             ]
+            ssh = None
+            if tools:
+                ssh = ssh_server("ssh")
+                paths.append(
+                    Target(
+                        "ssh -R",
+                        ssh.start_client("bench", backend_port),
+                        functools.partial(ssh.processes, "bench"),
+                    )
+                )
             if "bulk" in sections:
                 say("bulk throughput")
                 bench.bulk(paths)
@@ -889,42 +1057,70 @@ def run(args: argparse.Namespace, figures: dict[str, Any]) -> None:
                 say("new connections")
                 bench.conn(paths)
             if "far" in sections:
-                say(f"long-distance paths ({s.mbit:g} Mbit/s, TLS tunnel)")
-                lines = []
-                for rtt in s.rtts:
-                    lines += ["--line", f"127.0.0.1:{backend_port},{rtt}"]
-                    lines += ["--line", f"127.0.0.1:{tls.control_port},{rtt}"]
-                delay = children.start(
-                    "delayline",
-                    [sys.executable, str(DELAYLINE), "--mbit", str(s.mbit), *lines],
+                say(
+                    f"long-distance paths ({s.mbit:g} Mbit/s, TLS tunnel"
+                    + (", ssh -R)" if ssh else ")")
                 )
-                ports = delay.read_json()["ports"]
-                for i, rtt in enumerate(s.rtts):
+                # (what, rtt) -> the port of a delay line to that target
+                targets = [("direct", backend_port), ("tls", tls.control_port)]
+                if ssh:
+                    targets.append(("ssh", ssh.port))
+                keys = [(what, rtt) for rtt in s.rtts for what, _ in targets]
+                argv = [sys.executable, str(DELAYLINE), "--mbit", str(s.mbit)]
+                for rtt in s.rtts:
+                    for _, port in targets:
+                        argv += ["--line", f"127.0.0.1:{port},{rtt}"]
+                delay = children.start("delayline", argv)
+                ports = dict(zip(keys, delay.read_json()["ports"], strict=True))
+                for rtt in s.rtts:
                     client_id = f"far{rtt}"
-                    tls.start_client(client_id, control_port=ports[2 * i + 1])
-                    far_tunnel = Target(
-                        "tunnel+TLS",
-                        tls.open_tunnel(client_id),
-                        tls.processes(client_id),
-                    )
-                    bench.far(rtt, Target("direct", ports[2 * i]), far_tunnel)
+                    tls.start_client(client_id, control_port=ports["tls", rtt])
+                    far_paths = [
+                        Target("direct", ports["direct", rtt]),
+                        Target(
+                            "tunnel+TLS",
+                            tls.open_tunnel(client_id),
+                            functools.partial(tls.processes, client_id),
+                        ),
+                    ]
+                    if ssh:
+                        far_paths.append(
+                            Target(
+                                "ssh -R",
+                                ssh.start_client(
+                                    client_id, backend_port, ports["ssh", rtt]
+                                ),
+                                functools.partial(ssh.processes, client_id),
+                            )
+                        )
+                    bench.far(rtt, far_paths)
                     clients = json.loads(tls.api("GET", "/clients"))
                     figures["far"][rtt]["session_rtt_ms"] = clients[client_id].get(
                         "RttMilliseconds"
                     )
                     if rtt == max(s.rtts):
                         say(f"  {rtt} ms with a blocked stream on the same session")
-                        bench.blocked(far_tunnel, tls, client_id)
+                        bench.blocked(far_paths[1], tls, client_id)
+                        if ssh:
+                            say(f"  {rtt} ms with a blocked channel, ssh -R")
+                            bench.blocked(far_paths[2], ssh, client_id)
                 figures["far_info"] = {"mbit": s.mbit, "bytes": s.far_bytes}
                 children.stop(delay)
             plain.stop()
             tls.stop()
+            if ssh:
+                ssh.stop()
         if "memory" in sections:
-            for mode in s.memory_modes:
+            for mode in s.memory_modes + (("ssh",) if tools else ()):
                 say(f"memory ({mode}), fresh server and client")
-                d = deployment(f"mem-{mode}", mode == "tls")
-                d.start_client("mem")
-                d.open_tunnel("mem")
+                d: Tunnels
+                if mode == "ssh":
+                    d = ssh_server("mem-ssh")
+                    d.start_client("mem", backend_port)
+                else:
+                    d = deployment(f"mem-{mode}", mode == "tls")
+                    d.start_client("mem")
+                    d.open_tunnel("mem")
                 bench.memory(mode, d, "mem")
                 d.stop()
     finally:
@@ -950,6 +1146,15 @@ def fmt_us(seconds: float) -> str:
     return f"{us:.0f} µs" if us < 10000 else f"{us / 1000:.1f} ms"
 
 
+def present(fig: dict) -> list[str]:
+    """The paths measured in ``fig``, in the report's column order."""
+    return [name for name in PATHS if name in fig]
+
+
+def ratio(value: float, direct: float, digits: int) -> str:
+    return f"{value / direct:.{digits}f}" if direct else "-"
+
+
 def report(figures: dict, settings: Settings, out: Callable[[str], None]) -> None:
     """Print the figures: medians and ratios to the direct run."""
     info = figures["info"]
@@ -965,54 +1170,70 @@ def report(figures: dict, settings: Settings, out: Callable[[str], None]) -> Non
             f"  (the hard limit is {info.get('nofile')}: below 25,000 but enough, "
             "as no process here holds more than about 10,100 descriptors)"
         )
+    ssh = info.get("ssh", "not run")
+    if "ssh_cipher" in info:
+        ssh += f"; cipher {info['ssh_cipher']}"
+    out(f"ssh -R: {ssh}")
     out(
         f"load average (1, 5, 15 min): {info['load_start']} at start, "
         f"{info.get('load_end', '?')} at end; {info.get('seconds', 0):.0f} s"
     )
     out(
         f"median of {settings.repeat} runs (bulk: after a warm-up run that checks "
-        "SHA-256); MB = 10^6 bytes; ratio = tunnel / direct"
+        "SHA-256); MB = 10^6 bytes; ratio = that path / direct"
     )
-    names = ["direct", "tunnel", "tunnel+TLS"]
 
     def row(label: str, cells: list[str]) -> str:
-        return (f"{label:<34}" + "".join(f"{c:>14}" for c in cells)).rstrip()
+        return (f"{label:<34}" + "".join(f"{c:>12}" for c in cells)).rstrip()
 
-    header = row("", ["direct", "tunnel", "ratio", "tunnel+TLS", "ratio"])
+    def header(names: list[str]) -> str:
+        return row("", ["direct", *(x for n in names[1:] for x in (n, "ratio"))])
+
+    def sides(names: list[str]) -> str:
+        """Which process is "server" and which "client" for ssh -R."""
+        if "ssh -R" not in names:
+            return ""
+        return "; ssh -R: sshd (all its processes) / ssh"
+
     if "bulk" in figures:
+        names = present(next(iter(figures["bulk"].values())))
         out("")
-        out(header)
+        out(header(names))
         for title, fig in figures["bulk"].items():
             d = fig["direct"]["rate"]
             cells = [fmt_rate(d)]
             for n in names[1:]:
-                cells += [fmt_rate(fig[n]["rate"]), f"{fig[n]['rate'] / d:.2f}"]
+                cells += [fmt_rate(fig[n]["rate"]), ratio(fig[n]["rate"], d, 2)]
             out(row(title, cells))
     if "rr" in figures:
+        fig = figures["rr"]
+        names = present(fig)
         out("")
         out(
             f"ping-pong, {SMALL} B each way, {settings.rr_count} round trips "
             "on one kept-open connection"
         )
+        out(header(names))
         for key in ("p50", "p99"):
-            fig = figures["rr"]
             d = fig["direct"][key]
             cells = [fmt_us(d)]
             for n in names[1:]:
-                cells += [fmt_us(fig[n][key]), f"{fig[n][key] / d:.1f}"]
+                cells += [fmt_us(fig[n][key]), ratio(fig[n][key], d, 1)]
             out(row(f"  round trip {key}", cells))
     if "conn" in figures:
         for clients, fig in figures["conn"].items():
+            names = present(fig)
             out("")
             who = "one client at a time" if clients == 1 else f"{clients} clients"
             out(
                 f"new connections, {who}, {settings.conn_seconds:g} s; each: "
                 f"connect, {SMALL} B request, {SMALL} B reply, backend closes"
             )
+            out(header(names))
             d = fig["direct"]["rate"]
             cells = [f"{d:.0f}/s"]
             for n in names[1:]:
-                cells += [f"{fig[n]['rate']:.0f}/s", f"{fig[n]['rate'] / d:.2f}"]
+                cells += [f"{fig[n]['rate']:.0f}/s", ratio(fig[n]["rate"], d, 2)]
             out(row("  connections per second", cells))
             for key, label in (
                 ("ttfb_p50", "first byte p50"),
@@ -1021,7 +1242,7 @@ def report(figures: dict, settings: Settings, out: Callable[[str], None]) -> Non
                 d = fig["direct"][key]
                 cells = [fmt_us(d)]
                 for n in names[1:]:
-                    cells += [fmt_us(fig[n][key]), f"{fig[n][key] / d:.1f}"]
+                    cells += [fmt_us(fig[n][key]), ratio(fig[n][key], d, 1)]
                 out(row(f"  time to {label}", cells))
             cells = [""]
             for n in names[1:]:
@@ -1033,9 +1254,10 @@ def report(figures: dict, settings: Settings, out: Callable[[str], None]) -> Non
                 example = next(fig[n]["first_errors"] for n in errors)
                 out(f"  failed connections: {errors}; e.g. {example}")
     if "bulk" in figures:
+        names = present(next(iter(figures["bulk"].values())))
         out("")
-        out("CPU seconds per GB moved, server / client")
-        out(row("", ["", "tunnel", "", "tunnel+TLS", ""]))
+        out(f"CPU seconds per GB moved, server / client{sides(names)}")
+        out(row("", ["", *(x for n in names[1:] for x in (n, ""))]))
         for title, fig in figures["bulk"].items():
             cells = [""]
             for n in names[1:]:
@@ -1050,80 +1272,81 @@ def report(figures: dict, settings: Settings, out: Callable[[str], None]) -> Non
         out(
             f"one connection over a delay line: {far['mbit']:g} Mbit/s, queue one "
             f"RTT, {far['bytes'] / MiB:.0f} MiB per run, median of "
-            f"{settings.far_repeat}; TLS tunnel through the line"
+            f"{settings.far_repeat}; through the line: the TLS tunnel's control "
+            "connection, the ssh connection, the direct connection"
         )
-        out(row("", ["direct", "tunnel+TLS", "ratio"]))
         for rtt, result in figures["far"].items():
+            names = present(result["down"])
+            if rtt == next(iter(figures["far"])):
+                out(header(names))
             session_rtt = result.get("session_rtt_ms")
             if session_rtt is not None:
                 out(f"  {rtt} ms line: the session's RTT (Ping) {session_rtt:.1f} ms")
             for direction in ("down", "up"):
                 fig = result[direction]
-                d, t = fig["direct"], fig["tunnel+TLS"]
+                d = fig["direct"]
                 word = "download" if direction == "down" else "upload"
-                out(
-                    row(
-                        f"  {rtt} ms RTT, {word}",
-                        [
-                            fmt_rate(d["rate"]),
-                            fmt_rate(t["rate"]),
-                            f"{t['rate'] / d['rate']:.2f}",
-                        ],
-                    )
-                )
+                cells = [fmt_rate(d["rate"])]
+                for n in names[1:]:
+                    cells += [
+                        fmt_rate(fig[n]["rate"]),
+                        ratio(fig[n]["rate"], d["rate"], 2),
+                    ]
+                out(row(f"  {rtt} ms RTT, {word}", cells))
                 if d["second_half"]:
-                    out(
-                        row(
-                            "    second half of the transfer",
-                            [
-                                fmt_rate(d["second_half"]),
-                                fmt_rate(t["second_half"]),
-                                f"{t['second_half'] / d['second_half']:.2f}",
-                            ],
-                        )
-                    )
+                    cells = [fmt_rate(d["second_half"])]
+                    for n in names[1:]:
+                        half = fig[n]["second_half"]
+                        cells += [fmt_rate(half), ratio(half, d["second_half"], 2)]
+                    out(row("    second half of the transfer", cells))
+                if d.get("first_byte"):
+                    cells = [fmt_us(d["first_byte"])]
+                    for n in names[1:]:
+                        first = fig[n]["first_byte"]
+                        cells += [fmt_us(first), ratio(first, d["first_byte"], 1)]
+                    out(row("    time to first byte", cells))
     if "blocked" in figures:
-        b = figures["blocked"]
         rtt = max(settings.rtts)
         out("")
         out(
-            f"{rtt} ms RTT, download on one stream while another stream of the "
-            "same session is blocked (its user never reads)"
+            f"{rtt} ms RTT, download on one connection while another connection "
+            "through the same tunnel is blocked (its user never reads)"
         )
-        out(
-            row(
-                "",
-                ["not blocked", "blocked", "ratio"],
+        out(row("", ["not blocked", "blocked", "ratio"]))
+        for name, b in figures["blocked"].items():
+            out(
+                row(
+                    f"  {name}",
+                    [
+                        fmt_rate(b["without"]),
+                        fmt_rate(b["with"]),
+                        ratio(b["with"], b["without"], 2),
+                    ],
+                )
             )
-        )
-        out(
-            row(
-                "  tunnel+TLS",
-                [
-                    fmt_rate(b["without"]),
-                    fmt_rate(b["with"]),
-                    f"{b['with'] / b['without']:.2f}",
-                ],
+            out(
+                "    RSS server / client (MiB): before "
+                + " / ".join(f"{x / MiB:.1f}" for x in b["rss_before"])
+                + ", blocked "
+                + " / ".join(f"{x / MiB:.1f}" for x in b["rss_blocked"])
+                + ", after the runs beside it "
+                + " / ".join(f"{x / MiB:.1f}" for x in b["rss_after"])
             )
-        )
-        out(
-            "  RSS server / client (MiB): before "
-            + " / ".join(f"{x / MiB:.1f}" for x in b["rss_before"])
-            + ", blocked "
-            + " / ".join(f"{x / MiB:.1f}" for x in b["rss_blocked"])
-            + ", after the runs beside it "
-            + " / ".join(f"{x / MiB:.1f}" for x in b["rss_after"])
-        )
     if "memory" in figures:
         out("")
         out(
             "resident memory (VmRSS) of a fresh server and client, MiB; "
             "idle users that sent a few bytes"
         )
-        out(row("", ["server", "client", "per conn", "server", "client"]))
+        out(row("", ["server", "client", "per conn", "server", "client", "opened in"]))
+        labels = {
+            "plain": "plain tunnel",
+            "tls": "TLS tunnel",
+            "ssh": "ssh -R (server: the sum over sshd's processes)",
+        }
         for mode, points in figures["memory"].items():
             idle = points[0]["rss"]
-            out(f"  {'TLS' if mode == 'tls' else 'plain'} tunnel")
+            out(f"  {labels.get(mode, mode)}")
             for p in points:
                 if p["count"] == "released":
                     label = "    all closed again"
@@ -1157,12 +1380,16 @@ def report(figures: dict, settings: Settings, out: Callable[[str], None]) -> Non
                             f"{p['rss'][1] / MiB:.1f}",
                             "",
                             *per,
+                            f"{p['seconds']:.1f} s" if "seconds" in p else "",
                         ],
                     )
                 )
                 if p.get("errors"):
                     out(f"      {p['errors']} failed: {p['first_errors']}")
-        out("  (per conn = (RSS with N - RSS idle) / N, server and client)")
+        out(
+            "  (per conn = (RSS with N - RSS idle) / N, server and client; "
+            "opened in: the time to open them, 8 at a time)"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1199,6 +1426,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="open and close the connections this many times (default 1); "
         "more rounds tell a leak from the allocator keeping its high-water mark",
     )
+    parser.add_argument(
+        "--no-ssh",
+        action="store_true",
+        help="skip the ssh -R columns; they run by default whenever sshd, ssh "
+        "and ssh-keygen are found (on PATH or in /usr/sbin), and are skipped "
+        f"with a note when not ({INSTALL_HINT})",
+    )
+    parser.add_argument(
+        "--ssh-cipher",
+        metavar="CIPHER",
+        help="cipher for ssh -R (ssh -c); default: what OpenSSH picks "
+        "(chacha20-poly1305@openssh.com)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = parser.parse_args(argv)
     unknown = set(args.sections.split(",")) - {"bulk", "rr", "conn", "far", "memory"}
@@ -1218,7 +1458,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         run(args, figures)
-    except BenchError as e:
+    except (BenchError, SshError) as e:
         say(f"tunnel_bench: {e}")
         status = 1
     except KeyboardInterrupt:

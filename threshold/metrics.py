@@ -103,28 +103,30 @@ class ServerCollector(Collector):
             ],
         )
 
-        tunnels = GaugeMetricFamily(
-            "threshold_tunnels", "Tunnels in force (entries of the table)."
+        yield _one(
+            GaugeMetricFamily,
+            "threshold_tunnels",
+            "Tunnels in force (entries of the table).",
+            len(server.routes.tunnels()),
         )
-        tunnels.add_metric([], len(server.routes.tunnels()))
-        yield tunnels
-        groups = GaugeMetricFamily(
-            "threshold_listening_sockets", "Public sockets open (tunnel groups)."
+        yield _one(
+            GaugeMetricFamily,
+            "threshold_listening_sockets",
+            "Public sockets open (tunnel groups).",
+            len(server.routes.groups()),
         )
-        groups.add_metric([], len(server.routes.groups()))
-        yield groups
-
-        public = CounterMetricFamily(
+        yield _one(
+            CounterMetricFamily,
             "threshold_public_connections",
             "Internet-user connections accepted on any tunnel socket.",
+            stats.accepted,
         )
-        public.add_metric([], stats.accepted)
-        yield public
-        public_open = GaugeMetricFamily(
-            "threshold_public_connections_open", "Internet-user connections open."
+        yield _one(
+            GaugeMetricFamily,
+            "threshold_public_connections_open",
+            "Internet-user connections open.",
+            stats.open,
         )
-        public_open.add_metric([], stats.open)
-        yield public_open
 
         refused = CounterMetricFamily(
             "threshold_public_connections_refused",
@@ -138,12 +140,12 @@ class ServerCollector(Collector):
             refused.add_metric([f"limit_{which}"], count)
         yield refused
 
-        not_tls = CounterMetricFamily(
+        yield _one(
+            CounterMetricFamily,
             "threshold_sni_not_tls",
             "Connections on hostname-routed sockets that sent no TLS ClientHello.",
+            stats.sni_not_tls,
         )
-        not_tls.add_metric([], stats.sni_not_tls)
-        yield not_tls
 
         handshakes = CounterMetricFamily(
             "threshold_handshake_failures",
@@ -198,6 +200,18 @@ class ServerCollector(Collector):
         yield open_
         yield bytes_in
         yield bytes_out
+
+
+def _one(
+    family: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    name: str,
+    documentation: str,
+    value: float,
+) -> GaugeMetricFamily | CounterMetricFamily:
+    """A metric with a single, unlabelled sample."""
+    metric = family(name, documentation)
+    metric.add_metric([], value)
+    return metric
 
 
 def server_registry(server: TunnelServer) -> CollectorRegistry:

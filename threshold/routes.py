@@ -28,6 +28,7 @@ from twisted.internet.defer import (
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 __all__ = [
     "GroupKey",
@@ -548,7 +549,7 @@ class RouteTable:
     async def _stop(self, ports: dict[GroupKey, IListeningPort]) -> None:
         """Stop listening on sockets, logging (not raising) any failure."""
 
-        def failed(failure, key: GroupKey) -> None:
+        def failed(failure: Failure, key: GroupKey) -> None:
             log.failure(
                 "cannot stop listening on {address}",
                 failure,

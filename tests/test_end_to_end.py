@@ -207,3 +207,46 @@ class StateFileTests(TestCase):
         user.transport.loseWriteConnection()
         yield user.done
         self.assertEqual(user.data, b"after restart")
+
+
+class Ipv6ControlTests(TestCase):
+    """The control connection and the API over IPv6 loopback, with TLS."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_tls_over_ipv6(self):
+        """A client dials [::1] with TLS, verifying the server's IP address."""
+        import socket
+
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::1", 0))
+        except OSError:
+            self.skipTest("no IPv6 loopback here")
+        backend = Backend(echo=True)
+        backend_port = yield backend.start()
+        self.addCleanup(backend.stop)
+        deployment = Deployment(
+            True,
+            self.mktemp(),
+            listen_address="::1",
+            tunnel_control_port=free_port("::1"),
+        )
+        self.addCleanup(deployment.stop)
+        deployment.control_port = deployment.server_config.tunnel_control_port
+        deployment.start_server()
+        deployment.start_client(
+            "TestClient1", {"web": ("127.0.0.1", backend_port)}, server_host="::1"
+        )
+        yield deployment.wait_connected("TestClient1")
+        peer = deployment.server.registry.snapshot()["TestClient1"]["Peer"]
+        self.assertTrue(peer.startswith("[::1]:"), peer)
+        port = free_port()
+        code, body = yield deployment.put_tunnels([tunnel("TestClient1", port, "web")])
+        self.assertEqual(code, 200, body)
+        user = yield connect_user(port)
+        user.transport.write(b"over v6")
+        user.transport.loseWriteConnection()
+        yield user.done
+        self.assertEqual(user.data, b"over v6")

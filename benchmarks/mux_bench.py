@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import platform
-import random
 import resource
 import statistics
 import subprocess
@@ -38,8 +37,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from payload import cyclic_digest, make_block
+
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK_SIZE = 1 << 20
 BULK_WRITE = 64 * 1024
 SMALL_WRITE = 64
 MB = 1_000_000
@@ -50,21 +50,6 @@ def cpu_seconds() -> float:
     """User plus system CPU time of this process so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def make_block() -> bytes:
-    """The bytes every sender repeats: 1 MiB, the same in every process."""
-    return random.Random(1234).randbytes(BLOCK_SIZE)
-
-
-def cyclic_digest(block: bytes, total: int) -> str:
-    """SHA-256 of ``block`` repeated to ``total`` bytes."""
-    digest = hashlib.sha256()
-    full, rest = divmod(total, len(block))
-    for _ in range(full):
-        digest.update(block)
-    digest.update(block[:rest])
-    return digest.hexdigest()
 
 
 # -- child processes --------------------------------------------------------

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import resource
 import socket
 import stat
@@ -40,26 +39,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from payload import BLOCK_SIZE, cyclic_digest, make_block
+
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK_SIZE = 1 << 20
 #: What the backend writes at a time (Twisted sends it in 128 KiB pieces).
 DOWN_WRITE = 256 * 1024
 HELLO = b"hello"
-
-
-def make_block() -> bytes:
-    """The bytes every transfer repeats: 1 MiB, the same in every process."""
-    return random.Random(1234).randbytes(BLOCK_SIZE)
-
-
-def cyclic_digest(block: bytes, total: int) -> str:
-    """SHA-256 of ``block`` repeated to ``total`` bytes."""
-    digest = hashlib.sha256()
-    full, rest = divmod(total, len(block))
-    for _ in range(full):
-        digest.update(block)
-    digest.update(block[:rest])
-    return digest.hexdigest()
 
 
 def raise_nofile() -> tuple[int, int]:

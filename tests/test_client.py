@@ -210,3 +210,18 @@ class CancelTests(SynchronousTestCase):
         # Cancelled, and the cancellation handled (no failure left over).
         self.assertIsNone(self.successResultOf(pending))
         self.assertEqual(tunnel.local_failures, 0)
+
+
+class HelloTimeoutTests(SynchronousTestCase):
+    def test_silent_server_gives_up(self):
+        """No answer to the hello within the timeout closes and counts a refusal."""
+        tunnel, client, server, pump, seen = connect(FakeEndpoint(), reply=b"")
+        self.assertEqual([h.client_id for h in seen], ["TestClient1"])
+        tunnel.clock.advance(tunnel.hello_timeout - 0.1)
+        pump.flush()
+        self.assertFalse(client.closed)
+        tunnel.clock.advance(0.2)
+        pump.flush()
+        self.assertTrue(client.closed)
+        self.assertFalse(client.accepted)
+        self.assertEqual(tunnel.refusals, 1)

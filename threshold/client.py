@@ -45,7 +45,11 @@ from threshold.mux.session import MuxSession, SessionConfig
 from threshold.relay import RelayEnd, tune_transport
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+    from twisted.internet.interfaces import (
+        IDelayedCall,
+        IReactorTime,
+        IStreamClientEndpoint,
+    )
 
     from threshold.mux.stream import Stream
 
@@ -191,6 +195,7 @@ class ClientSession(MuxSession):
         #: Fires when the server accepts the hello; fails if it does not.
         self.ready: Deferred[ClientSession] = Deferred()
         self.ready.addErrback(lambda f: None)
+        self._hello_timer: IDelayedCall | None = None
         self._reply = LineBuffer()
 
     def connectionMade(self) -> None:  # noqa: N802
@@ -201,11 +206,23 @@ class ClientSession(MuxSession):
         stream = self.open_stream(_HelloReader(self))
         stream.write(encode_hello(self.tunnel.client_id))
         self.when_closed().addCallback(self._closed)
+        # A server that accepts the connection but never answers the hello
+        # must not hold the client: give up and back off like a refusal.
+        self._hello_timer = self.clock.callLater(
+            self.tunnel.hello_timeout, self._hello_timed_out
+        )
+
+    def _hello_timed_out(self) -> None:
+        self._hello_timer = None
+        self.reply(None, f"no answer to the hello within {self.tunnel.hello_timeout}s")
 
     def reply(self, line: bytes | None, error: str | None = None) -> None:
         """The server's answer to the hello (or why there is none)."""
         if self.ready.called:
             return
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        self._hello_timer = None
         if error is None and line is not None:
             try:
                 answer = parse_hello_reply(line)
@@ -279,6 +296,7 @@ class TunnelClient:
         clock: IReactorTime,
         local_endpoint: Callable[[str, int], IStreamClientEndpoint],
         session_config: SessionConfig | None = None,
+        hello_timeout: float = 10.0,
     ) -> None:
         self.client_id = client_id
         self.services = dict(services)
@@ -286,6 +304,8 @@ class TunnelClient:
         self.clock = clock
         self.local_endpoint = local_endpoint
         self.session_config = session_config or SessionConfig()
+        #: Seconds to wait for the server's answer to the hello.
+        self.hello_timeout = hello_timeout
         self.unknown_service = 0
         self.local_failures = 0
         #: Hellos refused in a row (reset by an accepted one).

@@ -246,6 +246,7 @@ def build_client(config: ClientConfig, reactor: Any) -> MultiService:
             keepalive_timeout=config.keepalive_timeout_seconds,
             debug_frames=config.debug_log,
         ),
+        hello_timeout=config.connect_timeout_seconds,
     )
     top = MultiService()
     service = reconnecting_service(

@@ -86,6 +86,29 @@ def _endpoint(
     return TCP4ServerEndpoint(reactor, port, interface=host)
 
 
+def _session_config(config: ServerConfig | ClientConfig) -> SessionConfig:
+    """Session settings from the fields both roles' configs share."""
+    return SessionConfig(
+        max_window=config.max_receive_window_bytes,
+        max_streams=config.max_streams_per_session,
+        keepalive_interval=config.keepalive_interval_seconds,
+        keepalive_timeout=config.keepalive_timeout_seconds,
+        debug_frames=config.debug_log,
+    )
+
+
+def _listener(
+    endpoint: IStreamServerEndpoint, factory: Any
+) -> StreamServerEndpointService:
+    """A listening service that fails start-up at once if it cannot bind.
+
+    twistd then stops with the error instead of running half-started.
+    """
+    service = StreamServerEndpointService(endpoint, factory)
+    service._raiseSynchronously = True
+    return service
+
+
 def makeServerService(options: ServerOptions, reactor: Any = None) -> MultiService:  # noqa: N802
     """Build the server: control listener, management API, tunnels."""
     if reactor is None:
@@ -125,13 +148,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         handshake_timeout=config.handshake_timeout_seconds,
         max_clients=config.max_clients,
         max_pending_handshakes=config.max_pending_handshakes,
-        session=SessionConfig(
-            max_window=config.max_receive_window_bytes,
-            max_streams=config.max_streams_per_session,
-            keepalive_interval=config.keepalive_interval_seconds,
-            keepalive_timeout=config.keepalive_timeout_seconds,
-            debug_frames=config.debug_log,
-        ),
+        session=_session_config(config),
     )
     server = TunnelServer(
         listen,
@@ -150,12 +167,10 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
     )
     top = MultiService()
     server.setServiceParent(top)
-    control = StreamServerEndpointService(
+    _listener(
         _endpoint(reactor, config.listen_address, config.tunnel_control_port, tls),
         server.control_factory(),
-    )
-    control._raiseSynchronously = True
-    control.setServiceParent(top)
+    ).setServiceParent(top)
     api_options: dict[str, Any] = dict(
         max_body_bytes=config.max_management_body_bytes,
         apply=server.apply,
@@ -179,9 +194,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
             require_tls_identity=config.use_tls,
             **api_options,
         )
-    management = StreamServerEndpointService(endpoint, management_site(api))
-    management._raiseSynchronously = True
-    management.setServiceParent(top)
+    _listener(endpoint, management_site(api)).setServiceParent(top)
     if not config.use_tls:
         log.warn(
             "UseTls is false: anyone who can reach port {port} can connect as "
@@ -239,13 +252,7 @@ def build_client(config: ClientConfig, reactor: Any) -> MultiService:
         server,
         reactor,
         local_tcp_endpoint(reactor, config.connect_timeout_seconds),
-        SessionConfig(
-            max_window=config.max_receive_window_bytes,
-            max_streams=config.max_streams_per_session,
-            keepalive_interval=config.keepalive_interval_seconds,
-            keepalive_timeout=config.keepalive_timeout_seconds,
-            debug_frames=config.debug_log,
-        ),
+        _session_config(config),
         hello_timeout=config.connect_timeout_seconds,
     )
     top = MultiService()
@@ -258,12 +265,10 @@ def build_client(config: ClientConfig, reactor: Any) -> MultiService:
     )
     service.setServiceParent(top)
     if config.admin_socket is not None:
-        admin = StreamServerEndpointService(
+        _listener(
             UNIXServerEndpoint(reactor, config.admin_socket, mode=0o600, wantPID=True),
             admin_site(tunnel),
-        )
-        admin._raiseSynchronously = True
-        admin.setServiceParent(top)
+        ).setServiceParent(top)
     if not config.use_tls:
         log.warn(
             "UseTls is false: the tunnel to {server} is not encrypted or authenticated",

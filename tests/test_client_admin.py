@@ -12,7 +12,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tests.support import Backend, Deployment, connect_user, free_port, tunnel
 from threshold.client import TunnelClient
@@ -22,6 +22,24 @@ from threshold.client_admin import ClientAdminAPI
 def make_tunnel() -> TunnelClient:
     return TunnelClient(
         "c1", {"web": ("127.0.0.1", 80)}, "server:9056", Clock(), lambda h, p: None
+    )
+
+
+def curl_unix(sock: str, path: str, put_json: str | None = None):
+    """Call an HTTP API on a Unix socket with curl (in a thread); skip if none."""
+    curl = shutil.which("curl")
+    if curl is None:
+        raise SkipTest("curl not installed")
+    command = [curl, "-sS", "--unix-socket", sock]
+    if put_json is not None:
+        command += ["-X", "PUT", "-H", "Content-Type: application/json"]
+        command += ["-d", put_json]
+    return deferToThread(
+        subprocess.run,
+        [*command, f"http://localhost{path}"],
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
 
 
@@ -87,9 +105,6 @@ class LiveConfigTests(TestCase):
     @inlineCallbacks
     def test_new_service_without_reconnecting(self):
         """A service added over the Unix socket works; the session stays up."""
-        curl = shutil.which("curl")
-        if curl is None:
-            self.skipTest("curl not installed")
         # Unix socket paths are short: keep it out of the deep trial folder.
         # (Removed after the deployment stops: cleanups run last-in first.)
         folder = tempfile.mkdtemp()
@@ -109,25 +124,7 @@ class LiveConfigTests(TestCase):
         body = json.dumps(
             {"ServiceToLocalAddrMap": {"echo": f"127.0.0.1:{backend_port}"}}
         )
-        result = yield deferToThread(
-            subprocess.run,
-            [
-                curl,
-                "-sS",
-                "--unix-socket",
-                sock,
-                "-X",
-                "PUT",
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                body,
-                "http://localhost/liveconfig",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        result = yield curl_unix(sock, "/liveconfig", put_json=body)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("echo", json.loads(result.stdout)["ServiceToLocalAddrMap"])
 
@@ -150,9 +147,6 @@ class ManagementSocketTests(TestCase):
     @inlineCallbacks
     def test_management_api_on_unix_socket(self):
         """With ManagementSocket, the API answers on the socket (mode 0600)."""
-        curl = shutil.which("curl")
-        if curl is None:
-            self.skipTest("curl not installed")
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder, True)
         sock = os.path.join(folder, "mgmt.sock")
@@ -160,31 +154,7 @@ class ManagementSocketTests(TestCase):
         self.addCleanup(deployment.stop)
         deployment.start_server()
         self.assertEqual(os.stat(sock).st_mode & 0o777, 0o600)
-        result = yield deferToThread(
-            subprocess.run,
-            [curl, "-sS", "--unix-socket", sock, "http://localhost/ping"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        result = yield curl_unix(sock, "/ping")
         self.assertEqual(result.stdout, "pong")
-        result = yield deferToThread(
-            subprocess.run,
-            [
-                curl,
-                "-sS",
-                "--unix-socket",
-                sock,
-                "-X",
-                "PUT",
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                "[]",
-                "http://localhost/tunnels",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        result = yield curl_unix(sock, "/tunnels", put_json="[]")
         self.assertEqual(json.loads(result.stdout), [])

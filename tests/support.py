@@ -20,7 +20,8 @@ from zope.interface import implementer
 
 from tests.certs import test_pki
 from threshold.config import ClientConfig, ServerConfig
-from threshold.tap import build_client, build_server
+from threshold.tap.client import build_client
+from threshold.tap.server import build_server
 from threshold.tls import ClientCertPolicy
 
 

@@ -9,16 +9,16 @@ from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from threshold.client import TunnelClient
-from threshold.handshake import (
+from threshold.client.service import TunnelClient
+from threshold.mux.session import MuxSession, SessionConfig
+from threshold.mux.stream import StreamReset
+from threshold.testing import Collector
+from threshold.wire.handshake import (
     LineBuffer,
     encode_hello_reply,
     encode_stream_header,
     parse_hello,
 )
-from threshold.mux.session import MuxSession, SessionConfig
-from threshold.mux.stream import StreamReset
-from threshold.testing import Collector
 
 
 class HelloAnswer(Collector):
@@ -188,7 +188,7 @@ class LocalEndpointTests(SynchronousTestCase):
         )
         from twisted.internet.testing import MemoryReactorClock
 
-        from threshold.client import local_tcp_endpoint
+        from threshold.client.service import local_tcp_endpoint
 
         make = local_tcp_endpoint(MemoryReactorClock(), 5)
         self.assertIsInstance(make("127.0.0.1", 80), TCP4ClientEndpoint)

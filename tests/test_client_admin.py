@@ -15,8 +15,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tests.support import Backend, Deployment, connect_user, free_port, tunnel
-from threshold.client import TunnelClient
-from threshold.client_admin import ClientAdminAPI
+from threshold.client.admin import ClientAdminAPI
+from threshold.client.service import TunnelClient
 
 
 def make_tunnel() -> TunnelClient:

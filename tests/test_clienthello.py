@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.tlshello import python_hello
-from threshold.clienthello import (
+from threshold.wire.clienthello import (
     DEFAULT_MAX_SIZE,
     Hello,
     NeedMore,

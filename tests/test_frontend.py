@@ -8,11 +8,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from threshold.frontend import FrontendFactory, FrontendStats
-from threshold.mux import frames as F
 from threshold.mux.session import MuxSession, SessionConfig
-from threshold.routes import RouteTable, parse_tunnels
+from threshold.server.frontend import FrontendFactory, FrontendStats
+from threshold.server.routes import RouteTable, parse_tunnels
 from threshold.testing import Collector
+from threshold.wire import frames as F
 
 
 class OpeningTests(SynchronousTestCase):

@@ -14,8 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fuzz.targets import TARGETS
 from tests.tlshello import python_hello
-from threshold import handshake
-from threshold.mux import frames as F
+from threshold.wire import frames as F
+from threshold.wire import handshake
 
 
 def seeds() -> dict[str, list[bytes]]:

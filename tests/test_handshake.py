@@ -1,4 +1,4 @@
-"""Tests for threshold.handshake: the hello, reply and stream header lines."""
+"""Tests for threshold.wire.handshake: the hello, reply and stream header lines."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from threshold.handshake import (
+from threshold.wire.handshake import (
     MAX_LINE,
     HandshakeError,
     Hello,

@@ -12,9 +12,9 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from threshold import logs
-from threshold.mux import frames as F
 from threshold.mux.session import MuxSession, SessionConfig
 from threshold.testing import Collector
+from threshold.wire import frames as F
 
 
 class Captured:

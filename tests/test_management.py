@@ -21,8 +21,8 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from threshold.management import ManagementAPI, management_site
-from threshold.routes import RouteTable
+from threshold.server.api import ManagementAPI, management_site
+from threshold.server.routes import RouteTable
 
 URL = "http://management.invalid"
 JSON = {b"content-type": [b"application/json"]}

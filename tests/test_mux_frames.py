@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from threshold.mux import frames as F
+from threshold.wire import frames as F
 
 
 def frame_strategy() -> st.SearchStrategy[F.Frame]:

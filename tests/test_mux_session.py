@@ -13,7 +13,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from threshold.mux import frames as F
 from threshold.mux.session import (
     INITIAL_WINDOW,
     KeepaliveTimeout,
@@ -25,6 +24,7 @@ from threshold.mux.session import (
 )
 from threshold.mux.stream import StreamReset
 from threshold.testing import Collector, Echo, connected_sessions
+from threshold.wire import frames as F
 
 
 def string_session(

@@ -22,9 +22,9 @@ from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SynchronousTestCase
 
-from threshold.management import ManagementAPI
-from threshold.routes import RouteTable, Tunnel, TunnelError, parse_tunnels
-from threshold.server import (
+from threshold.server.api import ManagementAPI
+from threshold.server.routes import RouteTable, Tunnel, TunnelError, parse_tunnels
+from threshold.server.service import (
     STATE_CLOSED,
     STATE_CONNECTED,
     STATE_ERROR,

@@ -18,7 +18,7 @@ from proxyprotocol.v2 import ProxyProtocolV2
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SynchronousTestCase
 
-from threshold.proxyheader import (
+from threshold.wire.proxyheader import (
     V2_SIGNATURE,
     ProxyHeaderError,
     build,

@@ -19,7 +19,7 @@ from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from threshold.routes import (
+from threshold.server.routes import (
     RouteTable,
     Tunnel,
     TunnelError,

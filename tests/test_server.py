@@ -11,10 +11,9 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from threshold.handshake import encode_hello
 from threshold.mux.session import MuxSession, SessionConfig
-from threshold.routes import parse_tunnels
-from threshold.server import (
+from threshold.server.routes import parse_tunnels
+from threshold.server.service import (
     STATE_CLOSED,
     STATE_CONNECTED,
     STATE_ERROR,
@@ -25,6 +24,7 @@ from threshold.server import (
     write_state,
 )
 from threshold.testing import Collector
+from threshold.wire.handshake import encode_hello
 
 
 def make_server(clock: Clock, **settings) -> TunnelServer:

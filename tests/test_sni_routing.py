@@ -35,7 +35,7 @@ from tests.support import (
     wait_until,
 )
 from tests.tlshello import python_hello
-from threshold import clienthello
+from threshold.wire import clienthello
 
 CLIENT = "TestClient1"
 

@@ -35,7 +35,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
-from threshold.mux.frames import FLAG_SYN, TYPE_PING
 from threshold.mux.session import (
     INITIAL_WINDOW,
     GoAwayReceived,
@@ -44,6 +43,7 @@ from threshold.mux.session import (
 )
 from threshold.mux.stream import Stream
 from threshold.testing import Collector
+from threshold.wire.frames import FLAG_SYN, TYPE_PING
 
 INTEROP = Path(__file__).parent / "interop"
 PEER_SCRIPT = INTEROP / "yamux_peer.js"

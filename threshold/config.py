@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from threshold import strictjson
+from threshold.wire import strictjson
 
 __all__ = [
     "CLIENT_ID_PATTERN",

@@ -51,9 +51,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
-from threshold import strictjson
 from threshold.config import ConfigError
 from threshold.tls import ClientCertPolicy
+from threshold.wire import strictjson
 
 __all__ = [
     "EXIT_API_ERROR",

@@ -13,11 +13,12 @@ import json
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from threshold import clienthello, config, handshake, routes
-from threshold.management import ApiError, _decode_json
-from threshold.mux import frames
+from threshold import config
 from threshold.mux.session import MuxSession, SessionConfig
+from threshold.server import routes
+from threshold.server.api import ApiError, _decode_json
 from threshold.testing import Collector
+from threshold.wire import clienthello, frames, handshake
 
 
 def _cuts(data: bytes) -> list[bytes]:

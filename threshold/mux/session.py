@@ -28,7 +28,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from threshold.logs import observer as log_observer
-from threshold.mux.frames import (
+from threshold.mux.stream import Stream
+from threshold.wire.frames import (
     FLAG_ACK,
     FLAG_FIN,
     FLAG_RST,
@@ -48,7 +49,6 @@ from threshold.mux.frames import (
     describe_flags,
     encode_header,
 )
-from threshold.mux.stream import Stream
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (

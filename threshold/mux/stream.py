@@ -35,7 +35,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from threshold.mux.frames import FLAG_ACK, FLAG_FIN, FLAG_RST, FLAG_SYN
+from threshold.wire.frames import FLAG_ACK, FLAG_FIN, FLAG_RST, FLAG_SYN
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IProtocol

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from threshold.server import (
+from threshold.server.service import (
     STATE_CLOSED,
     STATE_CONNECTED,
     STATE_ERROR,
@@ -24,8 +24,8 @@ from threshold.server import (
 )
 
 if TYPE_CHECKING:
-    from threshold.frontend import Traffic
-    from threshold.server import TunnelServer
+    from threshold.server.frontend import Traffic
+    from threshold.server.service import TunnelServer
 
 #: The text format's content type.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

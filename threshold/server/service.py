@@ -29,16 +29,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from threshold import strictjson
-from threshold.frontend import FrontendFactory, FrontendLimits, FrontendStats
-from threshold.handshake import (
-    HandshakeError,
-    LineBuffer,
-    encode_hello_reply,
-    parse_hello,
-)
 from threshold.logs import observer as log_observer
-from threshold.mux.frames import GO_AWAY_NORMAL
 from threshold.mux.session import (
     GoAwayReceived,
     KeepaliveTimeout,
@@ -47,8 +38,17 @@ from threshold.mux.session import (
     SessionConfig,
 )
 from threshold.relay import tune_transport
-from threshold.routes import RouteTable, TunnelError, parse_tunnels
+from threshold.server.frontend import FrontendFactory, FrontendLimits, FrontendStats
+from threshold.server.routes import RouteTable, TunnelError, parse_tunnels
 from threshold.tls import peer_common_name
+from threshold.wire import strictjson
+from threshold.wire.frames import GO_AWAY_NORMAL
+from threshold.wire.handshake import (
+    HandshakeError,
+    LineBuffer,
+    encode_hello_reply,
+    parse_hello,
+)
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     )
 
     from threshold.mux.stream import Stream
-    from threshold.routes import GroupKey, Tunnel
+    from threshold.server.routes import GroupKey, Tunnel
 
 log = Logger(observer=log_observer)
 

@@ -23,9 +23,9 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from threshold import strictjson
-from threshold.routes import RouteTable, Tunnel, TunnelError, parse_tunnels
+from threshold.server.routes import RouteTable, Tunnel, TunnelError, parse_tunnels
 from threshold.tls import peer_common_name
+from threshold.wire import strictjson
 
 __all__ = [
     "ApiError",

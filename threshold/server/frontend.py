@@ -28,18 +28,24 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from threshold import clienthello, proxyheader
-from threshold.handshake import encode_stream_header
 from threshold.logs import observer as log_observer
 from threshold.mux.session import SessionClosed, StreamLimitReached
 from threshold.relay import RelayEnd, tune_transport
-from threshold.routes import GroupKey, Tunnel, format_address, needs_sni, select_route
+from threshold.server.routes import (
+    GroupKey,
+    Tunnel,
+    format_address,
+    needs_sni,
+    select_route,
+)
+from threshold.wire import clienthello, proxyheader
+from threshold.wire.handshake import encode_stream_header
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
     from threshold.mux.session import MuxSession
-    from threshold.routes import RouteTable
+    from threshold.server.routes import RouteTable
 
 log = Logger(observer=log_observer)
 

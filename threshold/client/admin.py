@@ -27,7 +27,7 @@ from threshold.logs import observer as log_observer
 if TYPE_CHECKING:
     from twisted.web.iweb import IRequest
 
-    from threshold.client import TunnelClient
+    from threshold.client.service import TunnelClient
 
 log = Logger(observer=log_observer)
 

@@ -33,16 +33,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from threshold.handshake import (
+from threshold.logs import observer as log_observer
+from threshold.mux.session import MuxSession, SessionConfig
+from threshold.relay import RelayEnd, tune_transport
+from threshold.wire.handshake import (
     HandshakeError,
     LineBuffer,
     encode_hello,
     parse_hello_reply,
     parse_stream_header,
 )
-from threshold.logs import observer as log_observer
-from threshold.mux.session import MuxSession, SessionConfig
-from threshold.relay import RelayEnd, tune_transport
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from threshold import strictjson
+from threshold.wire import strictjson
 
 __all__ = [
     "MAX_LINE",

@@ -1,0 +1,1 @@
+"""The tunnel client role: sessions to gateways, local services, admin socket."""

@@ -1,0 +1,1 @@
+"""The gateway role: control sessions, public front ends, tunnel table, API."""

@@ -1,0 +1,272 @@
+"""The tunnel table: validation, hostname-glob precedence and all-or-nothing apply.
+
+Tunnels are grouped by ``(ListenAddress, ListenPort)``: one listening socket
+per group. ``RouteTable.apply`` replaces the whole set at once: it checks
+every entry, binds every new socket, and only then switches the table, so a
+failure leaves the previous set in force. Groups present before and after an
+apply keep their socket, so moving a tunnel refuses no connection.
+
+The parsing and matching functions are pure; ``RouteTable`` receives the
+``listen`` function, so this module never imports the reactor.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Sequence
+
+from twisted.internet.defer import (
+    Deferred,
+    DeferredLock,
+    gatherResults,
+    maybeDeferred,
+)
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from threshold.server.tunnels import (
+    GroupKey,
+    Tunnel,
+    TunnelError,
+    check_duplicates,
+    format_address,
+    parse_tunnels,
+)
+
+__all__ = [
+    "GroupKey",
+    "RouteTable",
+    "Tunnel",
+    "TunnelError",
+    "format_address",
+    "needs_sni",
+    "parse_tunnels",
+    "select_route",
+]
+
+log = Logger()
+
+
+def _normalise_name(name: str) -> str:
+    name = name.lower()
+    if name.endswith("."):
+        name = name[:-1]
+    return name
+
+
+def _glob_matches(glob: str, name: str) -> bool:
+    """Whether a non-``*`` glob matches a normalised name.
+
+    ``*.example.com`` matches any name ending in ``.example.com`` with at
+    least one label before it: ``a.example.com`` and ``a.b.example.com``,
+    not ``example.com``.
+    """
+    if not glob.startswith("*."):
+        return glob == name
+    suffix = glob[1:]
+    if not name.endswith(suffix):
+        return False
+    prefix = name[: -len(suffix)]
+    return bool(prefix) and all(prefix.split("."))
+
+
+def select_route(entries: Sequence[Tunnel], server_name: str | None) -> Tunnel | None:
+    """Pick the entry of one group for a connection's SNI name.
+
+    An exact name wins, then the longest matching wildcard, then the ``*``
+    entry; with no name or no match, the ``*`` entry; None when none fits.
+    Names compare case-insensitively, ignoring a trailing dot. Among equal
+    candidates the first entry wins.
+    """
+    fallback: Tunnel | None = None
+    best: Tunnel | None = None
+    best_rank = (-1, -1)
+    name = _normalise_name(server_name) if server_name else ""
+    for entry in entries:
+        glob = _normalise_name(entry.hostname_glob) or "*"
+        if glob == "*":
+            if fallback is None:
+                fallback = entry
+            continue
+        if not name or not _glob_matches(glob, name):
+            continue
+        rank = (0 if glob.startswith("*.") else 1, len(glob))
+        if rank > best_rank:
+            best, best_rank = entry, rank
+    return best if best is not None else fallback
+
+
+def needs_sni(entries: Sequence[Tunnel]) -> bool:
+    """Whether the group must read the ClientHello before it can route.
+
+    False for a group that is a single ``*`` entry: it forwards at once, so
+    protocols where the server speaks first work.
+    """
+    if len(entries) == 0:
+        return False
+    if len(entries) == 1:
+        return (_normalise_name(entries[0].hostname_glob) or "*") != "*"
+    return True
+
+
+def _bind_error(error: CannotListenError, key: GroupKey, index: int) -> TunnelError:
+    address = format_address(*key)
+    code = getattr(error.socketError, "errno", None)
+    if code == errno.EADDRINUSE:
+        reason, field = "already in use", "ListenPort"
+    elif code == errno.EADDRNOTAVAIL:
+        reason, field = "not available on this host", "ListenAddress"
+    elif code == errno.EACCES:
+        reason = "permission denied (ports below 1024 need privileges)"
+        field = "ListenPort"
+    else:
+        reason, field = f"cannot listen: {error.socketError}", "ListenPort"
+    return TunnelError(
+        409, f"entry {index}: address {address} {reason}", index=index, field=field
+    )
+
+
+class RouteTable:
+    """The tunnels in force, one listening socket per group.
+
+    ``listen(host, port, factory)`` opens a socket (an endpoint's
+    ``listen``), ``make_factory(group)`` builds the front-end factory of a
+    group (it looks its entries up with ``group()`` at each connection), and
+    ``client_connected(client_id)`` says whether a client is connected now.
+    """
+
+    def __init__(
+        self,
+        listen: Callable[[str, int, IProtocolFactory], Deferred[IListeningPort]],
+        make_factory: Callable[[GroupKey], IProtocolFactory],
+        client_connected: Callable[[str], bool],
+    ) -> None:
+        self._listen = listen
+        self._make_factory = make_factory
+        self._client_connected = client_connected
+        self._lock = DeferredLock()
+        self._tunnels: list[Tunnel] = []
+        self._groups: dict[GroupKey, tuple[Tunnel, ...]] = {}
+        self._ports: dict[GroupKey, IListeningPort] = {}
+
+    def tunnels(self) -> list[Tunnel]:
+        """The tunnels in force, in the order they were applied."""
+        return list(self._tunnels)
+
+    def group(self, key: GroupKey) -> tuple[Tunnel, ...]:
+        """The entries in force for one group; empty when the group is gone."""
+        return self._groups.get(key, ())
+
+    def groups(self) -> dict[GroupKey, tuple[Tunnel, ...]]:
+        """All groups in force and their entries."""
+        return dict(self._groups)
+
+    def listening_port(self, key: GroupKey) -> IListeningPort | None:
+        """The socket of a group, or None when the group is not listening."""
+        return self._ports.get(key)
+
+    def apply(
+        self, tunnels: list[Tunnel], check_clients: bool = True
+    ) -> Deferred[list[Tunnel]]:
+        """Replace the whole set, all or nothing; fire with the list now in force.
+
+        Fails with TunnelError (400 duplicate route, 404 client not
+        connected, 409 a socket that cannot be bound) leaving the previous
+        set in force and its sockets untouched. Applies run one at a time.
+        """
+        return self._lock.run(
+            lambda: Deferred.fromCoroutine(self._apply(list(tunnels), check_clients))
+        )
+
+    async def _apply(self, tunnels: list[Tunnel], check_clients: bool) -> list[Tunnel]:
+        check_duplicates(tunnels)
+        if check_clients:
+            for index, tunnel in enumerate(tunnels):
+                if not self._client_connected(tunnel.client_id):
+                    raise TunnelError(
+                        404,
+                        f'entry {index}: client "{tunnel.client_id}" is not connected',
+                        index=index,
+                        field="ClientId",
+                    )
+
+        new_groups: dict[GroupKey, list[Tunnel]] = {}
+        first_index: dict[GroupKey, int] = {}
+        for index, tunnel in enumerate(tunnels):
+            new_groups.setdefault(tunnel.group, []).append(tunnel)
+            first_index.setdefault(tunnel.group, index)
+
+        opened: dict[GroupKey, IListeningPort] = {}
+        for key in new_groups:
+            if key in self._ports:
+                continue
+            host, port = key
+            try:
+                opened[key] = await maybeDeferred(
+                    self._listen, host, port, self._make_factory(key)
+                )
+            except CannotListenError as e:
+                await self._stop(opened)
+                raise _bind_error(e, key, first_index[key]) from None
+            except BaseException:
+                await self._stop(opened)
+                raise
+            log.info(
+                "tunnel group {address} listening",
+                address=format_address(host, port),
+            )
+
+        # The switch: everything past this point cannot fail the apply. With
+        # endpoints that listen synchronously, the binds and this switch run
+        # in one reactor turn, so no connection reaches a new socket before
+        # its group is in the table.
+        removed = {k: p for k, p in self._ports.items() if k not in new_groups}
+        self._groups = {k: tuple(v) for k, v in new_groups.items()}
+        self._tunnels = tunnels
+        self._ports = {
+            k: opened[k] if k in opened else self._ports[k] for k in new_groups
+        }
+        await self._stop(removed)
+        log.info(
+            "tunnel table applied: {count} tunnels in {groups} groups",
+            count=len(tunnels),
+            groups=len(new_groups),
+        )
+        return list(tunnels)
+
+    async def _stop(self, ports: dict[GroupKey, IListeningPort]) -> None:
+        """Stop listening on sockets, logging (not raising) any failure."""
+
+        def failed(failure: Failure, key: GroupKey) -> None:
+            log.failure(
+                "cannot stop listening on {address}",
+                failure,
+                address=format_address(*key),
+            )
+
+        deferreds = []
+        for key, port in ports.items():
+            d = maybeDeferred(port.stopListening)
+            d.addCallback(
+                lambda _, key=key: log.info(
+                    "tunnel group {address} closed", address=format_address(*key)
+                )
+            )
+            d.addErrback(failed, key)
+            deferreds.append(d)
+        if deferreds:
+            await gatherResults(deferreds)
+
+    def close(self) -> Deferred[None]:
+        """Stop listening everywhere and empty the table."""
+
+        async def close() -> None:
+            ports = self._ports
+            self._groups = {}
+            self._tunnels = []
+            self._ports = {}
+            await self._stop(ports)
+
+        return self._lock.run(lambda: Deferred.fromCoroutine(close()))

@@ -1,0 +1,1 @@
+"""The twistd service makers, one module per role."""

@@ -1,0 +1,100 @@
+"""``twistd -n threshold-client -c client.json``: the tunnel client's service tree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    UNIXServerEndpoint,
+    wrapClientTLS,
+)
+from twisted.logger import Logger
+from twisted.python import usage
+
+from threshold import logs
+from threshold.client.admin import admin_site
+from threshold.client.service import (
+    TunnelClient,
+    local_tcp_endpoint,
+    reconnecting_service,
+)
+from threshold.config import ClientConfig, ConfigError, load_client_config
+from threshold.logs import observer as log_observer
+from threshold.tap.common import fail, listener, session_config
+from threshold.tls import client_creator
+
+log = Logger(observer=log_observer)
+
+
+class Options(usage.Options):
+    """Command line of ``twistd threshold-client``."""
+
+    optParameters = [
+        ["config", "c", "config.json", "The client's JSON configuration file."],
+    ]
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:  # noqa: N802
+    """Build the client: a reconnecting session to the server."""
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        config = load_client_config(options["config"])
+        return build_client(config, reactor)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+
+
+def build_client(config: ClientConfig, reactor: Any) -> MultiService:
+    """The client's service tree for a loaded configuration."""
+    logs.set_debug(config.debug_log)
+    server = f"{config.server_host}:{config.server_tunnel_control_port}"
+    endpoint = HostnameEndpoint(
+        reactor,
+        config.server_host,
+        config.server_tunnel_control_port,
+        timeout=config.connect_timeout_seconds,
+    )
+    if config.use_tls:
+        assert config.ca_certificate_file is not None
+        assert config.client_tls_key_file is not None
+        assert config.client_tls_certificate_file is not None
+        creator = client_creator(
+            config.ca_certificate_file,
+            config.client_tls_key_file,
+            config.client_tls_certificate_file,
+            config.server_host,
+            source=config.source,
+        )
+        endpoint = wrapClientTLS(creator, endpoint)
+    tunnel = TunnelClient(
+        config.client_id,
+        config.service_to_local_addr_map,
+        server,
+        reactor,
+        local_tcp_endpoint(reactor, config.connect_timeout_seconds),
+        session_config(config),
+        hello_timeout=config.connect_timeout_seconds,
+    )
+    top = MultiService()
+    service = reconnecting_service(
+        tunnel,
+        endpoint,
+        reactor,
+        initial_delay=config.reconnect_initial_delay_seconds,
+        max_delay=config.reconnect_max_delay_seconds,
+    )
+    service.setServiceParent(top)
+    if config.admin_socket is not None:
+        listener(
+            UNIXServerEndpoint(reactor, config.admin_socket, mode=0o600, wantPID=True),
+            admin_site(tunnel),
+        ).setServiceParent(top)
+    if not config.use_tls:
+        log.warn(
+            "UseTls is false: the tunnel to {server} is not encrypted or authenticated",
+            server=server,
+        )
+    return top

@@ -1,0 +1,144 @@
+"""``twistd -n threshold-server -c server.json``: the gateway's service tree."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python import usage
+
+from threshold import logs
+from threshold.config import ConfigError, ServerConfig, load_server_config
+from threshold.logs import observer as log_observer
+from threshold.server import metrics
+from threshold.server.api import ManagementAPI, management_site
+from threshold.server.frontend import FrontendLimits
+from threshold.server.service import (
+    ControlSettings,
+    StateFileError,
+    TunnelServer,
+    read_state,
+)
+from threshold.tap.common import fail, listener, server_endpoint, session_config
+from threshold.tls import server_options
+
+log = Logger(observer=log_observer)
+
+
+class Options(usage.Options):
+    """Command line of ``twistd threshold-server``."""
+
+    optParameters = [
+        ["config", "c", "config.json", "The server's JSON configuration file."],
+    ]
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:  # noqa: N802
+    """Build the server: control listener, management API, tunnels."""
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        config = load_server_config(options["config"])
+        return build_server(config, reactor)
+    except (ConfigError, StateFileError) as e:
+        raise fail(str(e)) from None
+
+
+def build_server(config: ServerConfig, reactor: Any) -> MultiService:
+    """The server's service tree for a loaded configuration."""
+    logs.set_debug(config.debug_log)
+    tls = None
+    if config.use_tls:
+        assert config.ca_certificate_file is not None
+        assert config.server_tls_key_file is not None
+        assert config.server_tls_certificate_file is not None
+        tls = server_options(
+            config.ca_certificate_file,
+            config.server_tls_key_file,
+            config.server_tls_certificate_file,
+            source=config.source,
+        )
+    restore = []
+    if config.state_file is not None:
+        if os.path.exists(config.state_file):
+            restore = read_state(config.state_file)
+
+    def listen(host: str, port: int, factory: Any) -> Any:
+        return TCP4ServerEndpoint(reactor, port, interface=host).listen(factory)
+
+    settings = ControlSettings(
+        use_tls=config.use_tls,
+        domain=config.domain,
+        handshake_timeout=config.handshake_timeout_seconds,
+        max_clients=config.max_clients,
+        max_pending_handshakes=config.max_pending_handshakes,
+        session=session_config(config),
+    )
+    server = TunnelServer(
+        listen,
+        reactor,
+        settings,
+        state_file=config.state_file,
+        restore=restore,
+        limits=FrontendLimits(
+            sni_timeout=config.sni_read_timeout_seconds,
+            max_hello=config.max_client_hello_bytes,
+            max_per_tunnel=config.max_connections_per_tunnel,
+            max_per_ip=config.max_connections_per_source_ip,
+            idle_timeout=config.public_idle_timeout_seconds,
+        ),
+        shutdown_grace=config.shutdown_grace_seconds,
+    )
+    top = MultiService()
+    server.setServiceParent(top)
+    listener(
+        server_endpoint(
+            reactor, config.listen_address, config.tunnel_control_port, tls
+        ),
+        server.control_factory(),
+    ).setServiceParent(top)
+    api_options: dict[str, Any] = dict(
+        max_body_bytes=config.max_management_body_bytes,
+        apply=server.apply,
+        metrics=partial(metrics.render, metrics.server_registry(server)),
+        limit_hit=server.limit_hit,
+    )
+    if config.management_socket is not None:
+        # The socket file's permissions (0600) are the access control.
+        endpoint: IStreamServerEndpoint = UNIXServerEndpoint(
+            reactor, config.management_socket, mode=0o600, wantPID=True
+        )
+        api = ManagementAPI(server.routes, server.registry, **api_options)
+    else:
+        endpoint = server_endpoint(
+            reactor, config.management_listen_address, config.management_port, tls
+        )
+        api = ManagementAPI(
+            server.routes,
+            server.registry,
+            allowed_common_names=config.management_allowed_common_names,
+            require_tls_identity=config.use_tls,
+            **api_options,
+        )
+    listener(endpoint, management_site(api)).setServiceParent(top)
+    if not config.use_tls:
+        log.warn(
+            "UseTls is false: anyone who can reach port {port} can connect as "
+            "any client; use TLS on any network you do not fully control",
+            port=config.tunnel_control_port,
+        )
+    elif (
+        config.management_allowed_common_names is None
+        and config.management_socket is None
+    ):
+        log.warn(
+            "ManagementAllowedCommonNames is not set: any certificate from the "
+            "CA, tunnel clients' included, may use the management API; set it "
+            "to the operator certificates' names to close that door"
+        )
+    return top

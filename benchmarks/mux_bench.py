@@ -39,6 +39,8 @@ from pathlib import Path
 
 from payload import cyclic_digest, make_block
 
+from threshold.mux.interfaces import StreamAcceptor
+
 ROOT = Path(__file__).resolve().parent.parent
 BULK_WRITE = 64 * 1024
 SMALL_WRITE = 64
@@ -121,7 +123,7 @@ def run_receiver(args: argparse.Namespace) -> None:
             super().__init__(
                 client=False,
                 clock=reactor,
-                accept_stream=lambda stream: Sink(tcp=False),
+                handler=StreamAcceptor(lambda stream: Sink(tcp=False)),
             )
 
         def connectionMade(self) -> None:  # noqa: N802
@@ -253,7 +255,7 @@ def run_sender(args: argparse.Namespace) -> None:
         session = None
         if args.transport == "mux":
             session = MuxSession(
-                client=True, clock=reactor, accept_stream=lambda stream: None
+                client=True, clock=reactor, handler=StreamAcceptor(lambda stream: None)
             )
             yield connectProtocol(endpoint, session)
             for source in sources:

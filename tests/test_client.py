@@ -10,6 +10,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from threshold.client.service import TunnelClient
+from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import MuxSession, SessionConfig
 from threshold.mux.stream import StreamReset
 from threshold.testing import Collector
@@ -79,7 +80,7 @@ def connect(endpoint: FakeEndpoint, reply: bytes = encode_hello_reply(True)):
         lambda: MuxSession(
             client=False,
             clock=clock,
-            accept_stream=lambda s: HelloAnswer(reply, seen),
+            handler=StreamAcceptor(lambda s: HelloAnswer(reply, seen)),
             config=SessionConfig(keepalive_interval=0),
         ),
         lambda: tunnel.factory().buildProtocol(None),

@@ -8,6 +8,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import MuxSession, SessionConfig
 from threshold.server.frontend import FrontendFactory, FrontendStats
 from threshold.server.routes import RouteTable, parse_tunnels
@@ -25,7 +26,7 @@ class OpeningTests(SynchronousTestCase):
         self.session = MuxSession(
             client=False,
             clock=Clock(),
-            accept_stream=lambda s: Collector(),
+            handler=StreamAcceptor(lambda s: Collector()),
             config=SessionConfig(keepalive_interval=0),
         )
         self.session.makeConnection(StringTransport())

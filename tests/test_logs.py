@@ -12,6 +12,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from threshold import logs
+from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import MuxSession, SessionConfig
 from threshold.testing import Collector
 from threshold.wire import frames as F
@@ -49,7 +50,7 @@ class DebugSwitchTests(SynchronousTestCase):
         session = MuxSession(
             client=True,
             clock=Clock(),
-            accept_stream=lambda s: Collector(),
+            handler=StreamAcceptor(lambda s: Collector()),
             config=SessionConfig(keepalive_interval=0, debug_frames=True),
         )
         session.makeConnection(StringTransport())

@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import (
     INITIAL_WINDOW,
     KeepaliveTimeout,
@@ -35,7 +36,7 @@ def string_session(
     session = MuxSession(
         client=client,
         clock=clock,
-        accept_stream=accept or (lambda s: Collector()),
+        handler=StreamAcceptor(accept or (lambda s: Collector())),
         config=config or SessionConfig(keepalive_interval=0),
     )
     transport = StringTransport()

@@ -11,6 +11,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
+from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import MuxSession, SessionConfig
 from threshold.server.routes import parse_tunnels
 from threshold.server.service import (
@@ -44,7 +45,7 @@ def dial(server: TunnelServer, clock: Clock):
         lambda: MuxSession(
             client=True,
             clock=clock,
-            accept_stream=lambda s: Collector(),
+            handler=StreamAcceptor(lambda s: Collector()),
             config=SessionConfig(keepalive_interval=0),
         ),
         clock=clock,

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
+from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import (
     INITIAL_WINDOW,
     GoAwayReceived,
@@ -202,7 +203,7 @@ class PeerHarness:
             # We dial; our yamux role is the other one than the peer's.
             client=self.node_role == "server",
             clock=reactor,
-            accept_stream=lambda stream: self.accept(stream),
+            handler=StreamAcceptor(lambda stream: self.accept(stream)),
             config=SessionConfig(),
             name="interop",
         )

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
+from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import MuxSession, SessionConfig
 from threshold.mux.stream import Stream
 
@@ -80,14 +81,14 @@ def connected_sessions(
         lambda: MuxSession(
             client=False,
             clock=clock,
-            accept_stream=accept_on_server,
+            handler=StreamAcceptor(accept_on_server),
             config=server_config or quiet,
             name="server",
         ),
         lambda: MuxSession(
             client=True,
             clock=clock,
-            accept_stream=accept_on_client,
+            handler=StreamAcceptor(accept_on_client),
             config=client_config or quiet,
             name="client",
         ),

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from threshold import config
+from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import MuxSession, SessionConfig
 from threshold.server import routes
 from threshold.server.api import ApiError, _decode_json
@@ -40,7 +41,7 @@ def frames_target(data: bytes) -> None:
     session = MuxSession(
         client=bool(data[:1] and data[0] & 1),
         clock=Clock(),
-        accept_stream=lambda s: Collector(pause_on_connect=bool(s.id & 2)),
+        handler=StreamAcceptor(lambda s: Collector(pause_on_connect=bool(s.id & 2))),
         config=SessionConfig(keepalive_interval=0, max_streams=8),
     )
     session.makeConnection(StringTransport())

@@ -186,7 +186,7 @@ class ClientSession(MuxSession):
         super().__init__(
             client=True,
             clock=tunnel.clock,
-            accept_stream=self._accept,
+            handler=self,
             config=tunnel.session_config,
             name=f"session to {tunnel.server}",
         )
@@ -198,14 +198,12 @@ class ClientSession(MuxSession):
         self._hello_timer: IDelayedCall | None = None
         self._reply = LineBuffer()
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def session_started(self, session: MuxSession) -> None:
         """Say hello on stream 1."""
-        super().connectionMade()
         tune_transport(self.transport)
         log.info("connected to {server}; sending hello", server=self.tunnel.server)
         stream = self.open_stream(_HelloReader(self))
         stream.write(encode_hello(self.tunnel.client_id))
-        self.when_closed().addCallback(self._closed)
         # A server that accepts the connection but never answers the hello
         # must not hold the client: give up and back off like a refusal.
         self._hello_timer = self.clock.callLater(
@@ -246,12 +244,14 @@ class ClientSession(MuxSession):
         )
         self.ready.callback(self)
 
-    def _accept(self, stream: Stream) -> Protocol | None:
+    def stream_opened(self, session: MuxSession, stream: Stream) -> Protocol | None:
+        """Serve the server's streams once the hello is accepted."""
         if not self.accepted:
             return None
         return ServiceStream(self.tunnel)
 
-    def _closed(self, reason: BaseException) -> None:
+    def session_ended(self, session: MuxSession, reason: BaseException) -> None:
+        """Fail a pending hello; log the end of an accepted session."""
         if not self.ready.called:
             self.ready.errback(
                 HelloRefused(f"connection closed before the hello reply: {reason}")

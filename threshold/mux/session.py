@@ -15,8 +15,6 @@ just stops granting window to its peer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
@@ -28,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from threshold.logs import observer as log_observer
+from threshold.mux.settings import INITIAL_WINDOW, SessionConfig
 from threshold.mux.stream import Stream
 from threshold.wire.frames import (
     FLAG_ACK,
@@ -58,44 +57,7 @@ if TYPE_CHECKING:
         IReactorTime,
     )
 
-INITIAL_WINDOW = 256 * 1024
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    """Tunables of a session; the defaults are safe on the public internet."""
-
-    #: Receive window a stream may grow to (auto-tuned from 256 KiB).
-    max_window: int = 16 * 1024 * 1024
-    #: Streams open at once; a peer opening more gets RST on the excess.
-    max_streams: int = 4096
-    #: Largest Data frame accepted (a larger header is a protocol error).
-    max_frame_receive: int = 16 * 1024 * 1024
-    #: Largest Data frame sent.
-    max_frame_send: int = 64 * 1024
-    #: Seconds between keepalive Pings; 0 disables keepalive.
-    keepalive_interval: float = 30.0
-    #: Seconds a Ping may go unanswered before the session is dead.
-    keepalive_timeout: float = 90.0
-    #: Seconds a closed stream waits for the peer's FIN before RST.
-    stream_linger: float = 30.0
-    #: Seconds to let the transport flush after Go Away before aborting it.
-    close_timeout: float = 5.0
-    #: Log every frame sent and received at debug level (``DebugLog``).
-    debug_frames: bool = False
-    #: Control-frame bytes written while the peer is not reading before the
-    #: session is closed (Window Updates, RSTs: bounded, but not by windows).
-    max_control_backlog: int = 1024 * 1024
-
-    def __post_init__(self) -> None:
-        if self.max_window < INITIAL_WINDOW or self.max_window > MAX_UINT32:
-            raise ValueError(
-                f"max_window must be from {INITIAL_WINDOW} to {MAX_UINT32}"
-            )
-        if self.max_streams < 1:
-            raise ValueError("max_streams must be at least 1")
-        if self.max_frame_send < 1:
-            raise ValueError("max_frame_send must be at least 1")
+    from threshold.mux.interfaces import SessionHandler
 
 
 class ProtocolViolation(Exception):
@@ -127,9 +89,10 @@ class MuxSession(Protocol):
     """One yamux session over ``self.transport``.
 
     ``client`` is True on the side that dialed (odd stream ids).
-    ``accept_stream(stream)`` is called for each stream the peer opens and
-    returns the protocol to serve it, or None to refuse it (RST).
-    ``when_closed()`` fires with the reason once the session has ended.
+    ``handler`` (a :class:`~threshold.mux.interfaces.SessionHandler`) is
+    told when the session starts, serves each stream the peer opens (or
+    refuses it: RST), and is told when the session ends.
+    ``when_closed()`` also fires with the reason once the session has ended.
     """
 
     log = Logger(observer=log_observer)
@@ -139,7 +102,7 @@ class MuxSession(Protocol):
         *,
         client: bool,
         clock: IReactorTime,
-        accept_stream: Callable[[Stream], IProtocol | None],
+        handler: SessionHandler,
         config: SessionConfig | None = None,
         name: str = "session",
     ) -> None:
@@ -147,7 +110,7 @@ class MuxSession(Protocol):
         self.clock = clock
         self.config = config or SessionConfig()
         self.name = name
-        self._accept_stream = accept_stream
+        self.handler = handler
         self.streams: dict[int, Stream] = {}
         self._next_id = 1 if client else 2
         self._highest_remote = 0
@@ -253,6 +216,7 @@ class MuxSession(Protocol):
             # The first Ping measures the round trip at once, which window
             # auto-tuning needs; later ones keep the session alive.
             self._send_ping()
+        self.handler.session_started(self)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         """Decode frames; a protocol violation ends the session."""
@@ -281,6 +245,7 @@ class MuxSession(Protocol):
         self._waiting.clear()
         for stream in streams:
             stream.session_lost(self._close_reason)
+        self.handler.session_ended(self, self._close_reason.value)
         waiters, self._closed_waiters = self._closed_waiters, []
         for d in waiters:
             d.callback(self._close_reason.value)
@@ -421,7 +386,7 @@ class MuxSession(Protocol):
             return None
         self.streams[stream_id] = stream
         try:
-            protocol = self._accept_stream(stream)
+            protocol = self.handler.stream_opened(self, stream)
         except Exception:
             self.log.failure(
                 "{name}: error accepting stream {stream_id}",

@@ -232,19 +232,6 @@ class HelloProtocol(Protocol):
             self.control.hello_failed("stream 1 closed before the hello", "closed")
 
 
-class _ControlSession(MuxSession):
-    """A session that tells its control connection when it is up."""
-
-    def __init__(self, control: ControlConnection, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.control = control
-
-    def connectionMade(self) -> None:  # noqa: N802
-        """Start the session, then the handshake clock."""
-        super().connectionMade()
-        self.control.connected()
-
-
 class ControlConnection:
     """The server side of one client's control connection."""
 
@@ -257,17 +244,15 @@ class ControlConnection:
         self.hello_stream: Stream | None = None
         self._timeout: IDelayedCall | None = None
         self.peer = "?"
-        self.session = _ControlSession(
-            self,
+        self.session = MuxSession(
             client=False,
             clock=self.clock,
-            accept_stream=self.accept_stream,
+            handler=self,
             config=self.settings.session,
             name="control connection",
         )
-        self.session.when_closed().addCallback(self._closed)
 
-    def connected(self) -> None:
+    def session_started(self, session: MuxSession) -> None:
         """The transport is up: start the handshake clock."""
         transport = self.session.transport
         tune_transport(transport)
@@ -277,7 +262,7 @@ class ControlConnection:
             self.settings.handshake_timeout, self._handshake_timed_out
         )
 
-    def accept_stream(self, stream: Stream) -> Protocol | None:
+    def stream_opened(self, session: MuxSession, stream: Stream) -> Protocol | None:
         """Only stream 1, only before the hello; the rest is reserved."""
         if not self.accepted and self.hello_stream is None and stream.id == 1:
             self.hello_stream = stream
@@ -354,7 +339,8 @@ class ControlConnection:
             self._timeout.cancel()
         self._timeout = None
 
-    def _closed(self, reason: BaseException) -> None:
+    def session_ended(self, session: MuxSession, reason: BaseException) -> None:
+        """Forget the connection; a connected client becomes closed."""
         self._cancel_timeout()
         self.server.control_connections.discard(self)
         if self.accepted and self.client_id is not None:

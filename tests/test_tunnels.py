@@ -1,0 +1,275 @@
+"""Tests for threshold.server.tunnels: parsing and validating tunnel entries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from threshold.server.tunnels import Tunnel, TunnelError, parse_tunnels
+
+
+def entry(**fields: Any) -> dict[str, Any]:
+    """A valid PUT entry, with fields overridden (None removes one)."""
+    base: dict[str, Any] = {
+        "ClientId": "TestClient1",
+        "ListenAddress": "127.0.0.1",
+        "ListenPort": 9000,
+        "ListenHostnameGlob": "*",
+        "BackEndService": "fooService",
+        "HaProxyProxyProtocol": True,
+    }
+    base.update(fields)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def tunnel(**fields: Any) -> Tunnel:
+    """A Tunnel built directly, with fields overridden."""
+    base: dict[str, Any] = dict(
+        client_id="TestClient1",
+        listen_address="127.0.0.1",
+        listen_port=9000,
+        hostname_glob="*",
+        backend_service="fooService",
+        proxy_protocol=False,
+    )
+    base.update(fields)
+    return Tunnel(**base)
+
+
+class ParseTunnelsTests(SynchronousTestCase):
+    """parse_tunnels validates the PUT body field by field."""
+
+    def assertRefused(
+        self, body: object, status: int, index: int | None, field: str | None
+    ) -> TunnelError:
+        with self.assertRaises(TunnelError) as cm:
+            parse_tunnels(body)
+        error = cm.exception
+        self.assertEqual(
+            (error.status, error.index, error.field),
+            (status, index, field),
+            error.message,
+        )
+        self.assertEqual(
+            error.to_json(), {"error": error.message, "index": index, "field": field}
+        )
+        if field is not None:
+            self.assertIn(field, error.message)
+        return error
+
+    def test_full_entry(self):
+        """A complete entry becomes a Tunnel with every field carried over."""
+        [t] = parse_tunnels([entry(HaProxyProxyProtocolVersion=2)])
+        self.assertEqual(
+            t,
+            Tunnel("TestClient1", "127.0.0.1", 9000, "*", "fooService", True, 2),
+        )
+        self.assertEqual(t.group, ("127.0.0.1", 9000))
+
+    def test_to_json_round_trip(self):
+        """to_json uses the original field names and parses back to the same."""
+        [t] = parse_tunnels([entry(ListenHostnameGlob="*.Example.COM.")])
+        js = t.to_json()
+        self.assertEqual(
+            js,
+            {
+                "ClientId": "TestClient1",
+                "ListenAddress": "127.0.0.1",
+                "ListenPort": 9000,
+                "ListenHostnameGlob": "*.example.com",
+                "BackEndService": "fooService",
+                "HaProxyProxyProtocol": True,
+                "HaProxyProxyProtocolVersion": 1,
+            },
+        )
+        self.assertEqual(parse_tunnels([js]), [t])
+
+    def test_defaults(self):
+        """Missing optional fields get 0.0.0.0, '*', no PROXY header, version 1."""
+        [t] = parse_tunnels(
+            [{"ClientId": "c", "ListenPort": 80, "BackEndService": "web"}]
+        )
+        self.assertEqual(t.listen_address, "0.0.0.0")
+        self.assertEqual(t.hostname_glob, "*")
+        self.assertFalse(t.proxy_protocol)
+        self.assertEqual(t.proxy_protocol_version, 1)
+
+    def test_empty_list(self):
+        """An empty list is valid: it removes every tunnel."""
+        self.assertEqual(parse_tunnels([]), [])
+
+    def test_not_a_list(self):
+        """A body that is not a list is 422 without an index."""
+        for body in ({"ClientId": "x"}, "tunnels", 3, None, True):
+            self.assertRefused(body, 422, None, None)
+
+    def test_entry_not_object(self):
+        """An entry that is not an object is 422 with its index."""
+        self.assertRefused([entry(), [1, 2]], 422, 1, None)
+        self.assertRefused(["x"], 422, 0, None)
+
+    def test_unknown_field(self):
+        """An unknown field is 400 naming it."""
+        error = self.assertRefused([entry(), entry(Colour="blue")], 400, 1, "Colour")
+        self.assertIn("unknown field", error.message)
+
+    def test_client_identifier_alias(self):
+        """ClientIdentifier is another name for ClientId."""
+        [t] = parse_tunnels([entry(ClientId=None, ClientIdentifier="TestClient2")])
+        self.assertEqual(t.client_id, "TestClient2")
+
+    def test_client_id_and_identifier_agree(self):
+        """Both names with the same value are accepted."""
+        [t] = parse_tunnels([entry(ClientIdentifier="TestClient1")])
+        self.assertEqual(t.client_id, "TestClient1")
+
+    def test_client_id_and_identifier_differ(self):
+        """Both names with different values are 400."""
+        self.assertRefused(
+            [entry(ClientIdentifier="TestClient2")], 400, 0, "ClientIdentifier"
+        )
+
+    def test_client_id_invalid(self):
+        """ClientId missing, empty or not a string is 400."""
+        self.assertRefused([entry(ClientId=None)], 400, 0, "ClientId")
+        self.assertRefused([entry(ClientId="")], 400, 0, "ClientId")
+        self.assertRefused([entry(ClientId=7)], 400, 0, "ClientId")
+        self.assertRefused(
+            [entry(ClientId=None, ClientIdentifier=[])], 400, 0, "ClientIdentifier"
+        )
+
+    def test_listen_address_normalised(self):
+        """ListenAddress is kept in ipaddress's normal form."""
+        [t] = parse_tunnels([entry(ListenAddress="0:0::0:1")])
+        self.assertEqual(t.listen_address, "::1")
+
+    def test_listen_address_invalid(self):
+        """ListenAddress that is not an IP address is 400."""
+        for value in ("localhost", "1.2.3", "300.1.1.1", "", 12, None):
+            body = [entry(ListenAddress=value)]
+            if value is None:
+                body[0]["ListenAddress"] = None
+            self.assertRefused(body, 400, 0, "ListenAddress")
+
+    def test_listen_port_invalid(self):
+        """ListenPort missing, out of range, a bool or not an integer is 400."""
+        self.assertRefused([entry(ListenPort=None)], 400, 0, "ListenPort")
+        for value in (0, 65536, -1, True, 80.0, "80"):
+            self.assertRefused([entry(ListenPort=value)], 400, 0, "ListenPort")
+
+    def test_listen_port_bounds(self):
+        """Ports 1 and 65535 are valid."""
+        self.assertEqual(parse_tunnels([entry(ListenPort=1)])[0].listen_port, 1)
+        self.assertEqual(parse_tunnels([entry(ListenPort=65535)])[0].listen_port, 65535)
+
+    def test_glob_normalised(self):
+        """Globs are lowercased, lose a trailing dot, and '' means '*'."""
+        cases = {
+            "": "*",
+            "*": "*",
+            "*.": "*",
+            "WWW.Example.com.": "www.example.com",
+            "*.EXAMPLE.com": "*.example.com",
+            "xn--bcher-kva.example": "xn--bcher-kva.example",
+        }
+        for given_glob, expected in cases.items():
+            [t] = parse_tunnels([entry(ListenHostnameGlob=given_glob)])
+            self.assertEqual(t.hostname_glob, expected)
+
+    def test_glob_invalid(self):
+        """A star not as the whole leftmost label, a bad label or too long is 400."""
+        bad = [
+            "a.*.example.com",
+            "*example.com",
+            "w*.example.com",
+            "*.*.example.com",
+            "example.*",
+            "a..example.com",
+            "-a.example.com",
+            "a-.example.com",
+            "a_b.example.com",
+            "b\u00fccher.example",
+            "a" * 64 + ".example.com",
+            ".".join(["abcdefghi"] * 26),  # 259 characters
+            12,
+            None,
+        ]
+        for value in bad:
+            body = [entry()]
+            body[0]["ListenHostnameGlob"] = value
+            self.assertRefused(body, 400, 0, "ListenHostnameGlob")
+
+    def test_glob_max_length(self):
+        """A 253-character name is valid."""
+        name = ".".join(["a" * 63] * 3 + ["b" * 61])
+        self.assertEqual(len(name), 253)
+        [t] = parse_tunnels([entry(ListenHostnameGlob=name)])
+        self.assertEqual(t.hostname_glob, name)
+
+    def test_backend_service_invalid(self):
+        """BackEndService missing, empty, too long or not a string is 400."""
+        self.assertRefused([entry(BackEndService=None)], 400, 0, "BackEndService")
+        for value in ("", "s" * 129, 5, ["x"]):
+            self.assertRefused([entry(BackEndService=value)], 400, 0, "BackEndService")
+        [t] = parse_tunnels([entry(BackEndService="s" * 128)])
+        self.assertEqual(t.backend_service, "s" * 128)
+
+    def test_proxy_protocol_invalid(self):
+        """HaProxyProxyProtocol must be a boolean."""
+        for value in ("true", 1, 0, None):
+            body = [entry()]
+            body[0]["HaProxyProxyProtocol"] = value
+            self.assertRefused(body, 400, 0, "HaProxyProxyProtocol")
+
+    def test_proxy_protocol_version_invalid(self):
+        """HaProxyProxyProtocolVersion must be the integer 1 or 2."""
+        for value in (0, 3, True, 1.0, "2", None):
+            body = [entry()]
+            body[0]["HaProxyProxyProtocolVersion"] = value
+            self.assertRefused(body, 400, 0, "HaProxyProxyProtocolVersion")
+
+    def test_error_names_later_index(self):
+        """The index of the first invalid entry is reported."""
+        body = [entry(ListenPort=9001), entry(ListenPort=9002), entry(ListenPort=0)]
+        self.assertRefused(body, 400, 2, "ListenPort")
+
+    def test_duplicate_route(self):
+        """Two entries with the same group and glob are 400 naming both."""
+        body = [
+            entry(ListenHostnameGlob="a.example.com"),
+            entry(ListenPort=9001),
+            entry(ListenHostnameGlob="A.example.com.", ClientId="TestClient2"),
+        ]
+        error = self.assertRefused(body, 400, 2, "ListenHostnameGlob")
+        self.assertIn("entries 0 and 2", error.message)
+        self.assertIn("127.0.0.1:9000", error.message)
+
+    def test_duplicate_default_glob(self):
+        """An empty glob and '*' in one group are duplicates."""
+        body = [entry(ListenHostnameGlob=""), entry(ListenHostnameGlob=None)]
+        self.assertRefused(body, 400, 1, "ListenHostnameGlob")
+
+    def test_same_glob_other_group(self):
+        """The same glob on two groups is fine."""
+        body = [entry(), entry(ListenPort=9001), entry(ListenAddress="::1")]
+        self.assertEqual(len(parse_tunnels(body)), 3)
+
+    def test_star_fallback_in_sni_group(self):
+        """A group may hold named globs and one '*' fallback."""
+        body = [
+            entry(ListenHostnameGlob="a.example.com"),
+            entry(ListenHostnameGlob="*.example.com"),
+            entry(ListenHostnameGlob="*"),
+        ]
+        self.assertEqual(
+            [t.hostname_glob for t in parse_tunnels(body)],
+            ["a.example.com", "*.example.com", "*"],
+        )
+
+    def test_tunnel_constructor_validates(self):
+        """Building a Tunnel directly validates too, naming the field."""
+        with self.assertRaises(TunnelError) as cm:
+            tunnel(listen_port=0)
+        self.assertEqual((cm.exception.status, cm.exception.field), (400, "ListenPort"))
+        self.assertIsNone(cm.exception.index)

@@ -1,0 +1,218 @@
+"""The gateway's counters, in one object, updated at the event.
+
+One :class:`GatewayStats` per gateway. The front end, the control listener,
+the management API and the state-file restore report what happens to it
+(a connection accepted, a refusal and its reason, a limit hit, a handshake
+failure); the API, the per-connection log line and the Prometheus collector
+read it. Reasons are the enums below, whose values are the metric labels.
+
+Bytes are counted once: each relayed connection has a :class:`Flow` whose
+``bytes_in``/``bytes_out`` the front end adds each chunk to (one increment,
+the only one on the hot path). Per-tunnel and per-client figures are the
+totals of closed flows plus the open flows' counts, summed when read, so a
+long transfer shows in ``/metrics`` while it runs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeVar
+
+__all__ = [
+    "Flow",
+    "GatewayStats",
+    "HandshakeFailure",
+    "Limit",
+    "Refusal",
+    "TunnelKey",
+    "Traffic",
+]
+
+#: A tunnel's identity in the counters: (ListenAddress, ListenPort, glob).
+TunnelKey = tuple[str, int, str]
+
+_K = TypeVar("_K")
+
+
+class Refusal(StrEnum):
+    """Why the gateway closed an internet user's connection.
+
+    The values are the ``reason`` label of
+    ``threshold_public_connections_refused``. All but the ``limit_idle`` and
+    ``limit_first_byte`` ones end a connection before it is relayed.
+    """
+
+    #: No tunnel of the group matches the SNI name (or the group is gone).
+    NO_ROUTE = "no_route"
+    #: The tunnel's client is not connected, its session is closing or
+    #: full, or opening the stream failed.
+    CLIENT_NOT_CONNECTED = "client_not_connected"
+    #: No complete ClientHello within SniReadTimeoutSeconds.
+    SNI_TIMEOUT = "sni_timeout"
+    #: MaxConnectionsPerTunnel reached.
+    LIMIT_TUNNEL = "limit_tunnel"
+    #: MaxConnectionsPerSourceIp reached.
+    LIMIT_SOURCE_IP = "limit_source_ip"
+    #: A relayed connection idle for PublicIdleTimeoutSeconds.
+    LIMIT_IDLE = "limit_idle"
+    #: A relayed connection with no byte either way for
+    #: PublicFirstByteTimeoutSeconds.
+    LIMIT_FIRST_BYTE = "limit_first_byte"
+
+
+class Limit(StrEnum):
+    """Limits whose hits are counted (label of ``threshold_limits_hit``)."""
+
+    CONNECTIONS_PER_TUNNEL = "connections_per_tunnel"
+    CONNECTIONS_PER_SOURCE_IP = "connections_per_source_ip"
+    STREAMS_PER_SESSION = "streams_per_session"
+    PENDING_HANDSHAKES = "pending_handshakes"
+    MANAGEMENT_BODY = "management_body"
+    #: A ClientHello over MaxClientHelloBytes, or over the record/read bound.
+    CLIENT_HELLO = "client_hello"
+
+
+class HandshakeFailure(StrEnum):
+    """Why a tunnel client's hello was refused (``threshold_handshake_failures``)."""
+
+    BAD_HELLO = "bad_hello"
+    IDENTITY = "identity"
+    SERVER_FULL = "server_full"
+    TIMEOUT = "timeout"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class Traffic:
+    """Connections and bytes of one tunnel or one client (a snapshot)."""
+
+    accepted: int = 0
+    open: int = 0
+    #: Bytes from internet users to the service.
+    bytes_in: int = 0
+    #: Bytes from the service to internet users.
+    bytes_out: int = 0
+
+
+class Flow:
+    """One relayed user connection's byte counts (the only per-chunk counter)."""
+
+    __slots__ = ("tunnel", "client_id", "bytes_in", "bytes_out")
+
+    def __init__(self, tunnel: TunnelKey, client_id: str) -> None:
+        self.tunnel = tunnel
+        self.client_id = client_id
+        #: Bytes from the user to the service.
+        self.bytes_in = 0
+        #: Bytes from the service to the user.
+        self.bytes_out = 0
+
+
+class GatewayStats:
+    """Every counter of the gateway role.
+
+    Written by: the front end (``accepted``, ``open``, flows, refusals,
+    ``sni_not_tls``, ``listening_sockets``), everyone who enforces a limit
+    (:meth:`limit_hit`), the control listener (:meth:`handshake_failed`),
+    the route table's owner (``tunnels_in_force``) and the restore
+    (``restore_failures``). Read by the API, logs and metrics.
+    """
+
+    def __init__(self) -> None:
+        #: Public connections accepted on any tunnel socket.
+        self.accepted = 0
+        #: Public connections open now (admitted, not yet closed).
+        self.open = 0
+        #: Connections on hostname-routed sockets that sent no ClientHello.
+        self.sni_not_tls = 0
+        #: Tunnel sockets listening now.
+        self.listening_sockets = 0
+        #: Entries of the tunnel table in force.
+        self.tunnels_in_force = 0
+        #: Entries of the state file that could not be restored, until the
+        #: tunnel set changes.
+        self.restore_failures = 0
+        self.refused: Counter[Refusal] = Counter()
+        self.limits_hit: Counter[Limit] = Counter()
+        self.handshake_failures: Counter[HandshakeFailure] = Counter()
+        self._open_flows: set[Flow] = set()
+        self._tunnels: dict[TunnelKey, Traffic] = {}
+        self._clients: dict[str, Traffic] = {}
+
+    # Events
+
+    def refuse(self, reason: Refusal) -> None:
+        """The gateway closed a user connection, for ``reason``."""
+        self.refused[reason] += 1
+
+    def limit_hit(self, limit: Limit) -> None:
+        """A limit was hit once."""
+        self.limits_hit[limit] += 1
+
+    def handshake_failed(self, reason: HandshakeFailure) -> None:
+        """A tunnel client's handshake was refused."""
+        self.handshake_failures[reason] += 1
+
+    def flow_opened(self, tunnel: TunnelKey, client_id: str) -> Flow:
+        """A user connection starts being relayed on a tunnel to a client."""
+        flow = Flow(tunnel, client_id)
+        self._open_flows.add(flow)
+        for traffic in (self._tunnel(tunnel), self._client(client_id)):
+            traffic.accepted += 1
+            traffic.open += 1
+        return flow
+
+    def flow_closed(self, flow: Flow) -> None:
+        """A relayed connection ended: its bytes join the closed totals."""
+        if flow not in self._open_flows:
+            return
+        self._open_flows.discard(flow)
+        for traffic in (self._tunnel(flow.tunnel), self._client(flow.client_id)):
+            traffic.open -= 1
+            traffic.bytes_in += flow.bytes_in
+            traffic.bytes_out += flow.bytes_out
+
+    # Reading
+
+    @property
+    def handshake_failure_count(self) -> int:
+        """Tunnel-client handshakes refused, all reasons."""
+        return sum(self.handshake_failures.values())
+
+    @property
+    def tunnels(self) -> dict[TunnelKey, Traffic]:
+        """Per-tunnel traffic, open connections' bytes included (a snapshot)."""
+        return self._snapshot(self._tunnels, lambda flow: flow.tunnel)
+
+    @property
+    def clients(self) -> dict[str, Traffic]:
+        """Per-client traffic, open connections' bytes included (a snapshot)."""
+        return self._snapshot(self._clients, lambda flow: flow.client_id)
+
+    def _snapshot(
+        self, closed: dict[_K, Traffic], key: Callable[[Flow], _K]
+    ) -> dict[_K, Traffic]:
+        out = {
+            k: Traffic(t.accepted, t.open, t.bytes_in, t.bytes_out)
+            for k, t in closed.items()
+        }
+        for flow in self._open_flows:
+            traffic = out[key(flow)]
+            traffic.bytes_in += flow.bytes_in
+            traffic.bytes_out += flow.bytes_out
+        return out
+
+    def _tunnel(self, key: TunnelKey) -> Traffic:
+        traffic = self._tunnels.get(key)
+        if traffic is None:
+            traffic = self._tunnels[key] = Traffic()
+        return traffic
+
+    def _client(self, client_id: str) -> Traffic:
+        traffic = self._clients.get(client_id)
+        if traffic is None:
+            traffic = self._clients[client_id] = Traffic()
+        return traffic

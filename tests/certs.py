@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from threshold.keygen import make_ca, make_client_cert, make_server_cert, write_pair
 
-__all__ = ["CLIENT_NAMES", "TestPki", "test_pki"]
+__all__ = ["CLIENT_NAMES", "TestPki", "rsa_server_files", "test_pki"]
 
 #: The client certificates signed by the main CA.
 CLIENT_NAMES = ("TestClient1", "TestClient2", "operator")
@@ -94,6 +94,66 @@ def test_pki() -> TestPki:
         other_client_key=path("other", "TestClient1.key"),
     )
     return _cache
+
+
+_rsa_cache: tuple[str, str] | None = None
+
+
+def rsa_server_files() -> tuple[str, str]:
+    """An RSA server certificate and key from the test CA: (cert, key) paths.
+
+    threshold's own keys are ECDSA, but an operator may bring an RSA
+    certificate, and only with one can a client ask for static-RSA key
+    exchange. Made on first use (RSA key generation takes a moment).
+    """
+    global _rsa_cache
+    if _rsa_cache is not None:
+        return _rsa_cache
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    pki = test_pki()
+    with open(pki.ca_cert, "rb") as f:
+        ca_cert = x509.load_pem_x509_certificate(f.read())
+    with open(pki.ca_key, "rb") as f:
+        ca_key = serialization.load_pem_private_key(f.read(), password=None)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.UTC)
+    san = [x509.DNSName("localhost")]
+    san += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1")]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    cert_path = os.path.join(pki.directory, "rsa-server.crt")
+    key_path = os.path.join(pki.directory, "rsa-server.key")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    _rsa_cache = (cert_path, key_path)
+    return _rsa_cache
 
 
 # trial collects module-level names that look like tests only from test_*

@@ -25,6 +25,7 @@ from zope.interface.verify import verifyObject
 from tests.certs import test_pki
 from threshold.config import ConfigError
 from threshold.tls import (
+    CONTROL_MINIMUM_TLS,
     ClientCertPolicy,
     client_creator,
     peer_common_name,
@@ -192,6 +193,48 @@ class MutualTlsTests(TlsTestMixin, SynchronousTestCase):
         options = context.set_options(0)
         self.assertTrue(options & SSL.OP_NO_TLSv1)
         self.assertTrue(options & SSL.OP_NO_TLSv1_1)
+        self.assertFalse(options & SSL.OP_NO_TLSv1_2)
+
+    def test_control_options_tls13_only(self):
+        """The control port's options refuse TLS 1.2 as well."""
+        p = self.pki
+        options = server_options(
+            p.ca_cert, p.server_key, p.server_cert, minimum=CONTROL_MINIMUM_TLS
+        )
+        self.assertTrue(options.getContext().set_options(0) & SSL.OP_NO_TLSv1_2)
+        server, client = run_tls(options, self.good_client())
+        self.assertEqual(server.data, b"ping from client")
+        self.assertEqual(
+            server.transport.getHandle().get_protocol_version_name(), "TLSv1.3"
+        )
+
+    def test_tunnel_client_refuses_tls12_server(self):
+        """The tunnel client does not fall back to TLS 1.2 for any server."""
+        p = self.pki
+        with open(p.server_cert, "rb") as c, open(p.server_key, "rb") as k:
+            identity = ssl.PrivateCertificate.loadPEM(c.read() + k.read())
+        with open(p.ca_cert, "rb") as f:
+            ca = ssl.Certificate.loadPEM(f.read())
+        tls12 = ssl.CertificateOptions(
+            privateKey=identity.privateKey.original,
+            certificate=identity.original,
+            trustRoot=ca,
+            lowerMaximumSecurityTo=ssl.TLSVersion.TLSv1_2,
+        )
+        server, client = run_tls(tls12, self.good_client())
+        self.assertRefused(server, client)
+        # An operator's tool (the default policy) still speaks TLS 1.2.
+        policy = ClientCertPolicy(
+            p.ca_cert, p.client_key("operator"), p.client_cert("operator")
+        )
+        server, client = run_tls(tls12, policy.creatorForNetloc(b"localhost", 1))
+        self.assertEqual(server.data, b"ping from client")
+        self.assertEqual(
+            server.transport.getHandle().get_protocol_version_name(), "TLSv1.2"
+        )
+        self.assertTrue(
+            server.transport.getHandle().get_cipher_name().startswith("ECDHE-")
+        )
 
 
 class PeerCommonNameTests(SynchronousTestCase):

@@ -6,6 +6,12 @@ against it and against the name it dialed. Certificates and keys are
 loaded and checked when the options are built, so a bad file stops the
 program at start with a ``ConfigError`` naming the file, not at the first
 connection.
+
+Every connection has forward secrecy and an AEAD cipher: a recorded session
+cannot be decrypted later by whoever obtains a key. The tunnel control port
+speaks only TLS 1.3 (both ends are threshold); the management port also
+takes TLS 1.2 for operators' tools, with ECDHE key exchange and AES-GCM or
+ChaCha20-Poly1305 only (Mozilla's "intermediate" suites without DHE).
 """
 
 from __future__ import annotations
@@ -22,13 +28,36 @@ from zope.interface import implementer
 from threshold.config import ConfigError
 
 __all__ = [
+    "CONTROL_MINIMUM_TLS",
+    "MANAGEMENT_MINIMUM_TLS",
+    "TLS12_CIPHERS",
     "ClientCertPolicy",
     "client_creator",
     "peer_common_name",
     "server_options",
 ]
 
-_MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
+#: The lowest TLS version of the tunnel control connection, both ends.
+CONTROL_MINIMUM_TLS = ssl.TLSVersion.TLSv1_3
+#: The lowest TLS version of the management API (operators' tools).
+MANAGEMENT_MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
+
+#: The TLS 1.2 suites offered: ECDHE (forward secrecy) with an AEAD cipher.
+#: No static RSA, no CBC, no SHA-1 MAC; no DHE either (Twisted offers it only
+#: with DH parameters, which threshold never sets). TLS 1.3's own suites are
+#: all forward secret and AEAD, and are left as OpenSSL has them.
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+_CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
 
 
 def _error(source: str, field: str, message: str) -> ConfigError:
@@ -118,12 +147,19 @@ def _identity(
 
 
 def server_options(
-    ca_file: str, key_file: str, cert_file: str, source: str = "config"
+    ca_file: str,
+    key_file: str,
+    cert_file: str,
+    source: str = "config",
+    *,
+    minimum: ssl.TLSVersion = MANAGEMENT_MINIMUM_TLS,
 ) -> ssl.CertificateOptions:
     """Build server TLS options that require a client certificate from the CA.
 
     Any intermediate certificates after the first one in ``cert_file`` are
-    sent along as the chain.
+    sent along as the chain. ``minimum`` is the lowest TLS version taken:
+    :data:`CONTROL_MINIMUM_TLS` for the tunnel control port,
+    :data:`MANAGEMENT_MINIMUM_TLS` (the default) for the management port.
     """
     trust_root = _trust_root(ca_file, source)
     identity, chain = _identity(
@@ -135,7 +171,8 @@ def server_options(
         extraCertChain=chain,
         # A trustRoot makes Twisted verify the peer and require its certificate.
         trustRoot=trust_root,
-        raiseMinimumTo=_MINIMUM_TLS,
+        raiseMinimumTo=minimum,
+        acceptableCiphers=_CIPHERS,
     )
 
 
@@ -150,17 +187,32 @@ def client_creator(
 
     The server must have a certificate from the CA valid for ``hostname``
     (a DNS name or an IP address, matched against the subjectAltName).
+    This is the tunnel client's side of the control connection: TLS 1.3 only.
     """
-    return ClientCertPolicy(ca_file, key_file, cert_file, source).creator(hostname)
+    policy = ClientCertPolicy(
+        ca_file, key_file, cert_file, source, minimum=CONTROL_MINIMUM_TLS
+    )
+    return policy.creator(hostname)
 
 
 @implementer(IPolicyForHTTPS)
 class ClientCertPolicy:
-    """An HTTPS policy for treq/Agent that authenticates with a client cert."""
+    """An HTTPS policy for treq/Agent that authenticates with a client cert.
+
+    ``minimum`` is the lowest TLS version offered (by default the
+    management API's).
+    """
 
     def __init__(
-        self, ca_file: str, key_file: str, cert_file: str, source: str = "config"
+        self,
+        ca_file: str,
+        key_file: str,
+        cert_file: str,
+        source: str = "config",
+        *,
+        minimum: ssl.TLSVersion = MANAGEMENT_MINIMUM_TLS,
     ) -> None:
+        self._minimum = minimum
         self._trust_root = _trust_root(ca_file, source)
         self._identity, _ = _identity(
             key_file,
@@ -176,7 +228,10 @@ class ClientCertPolicy:
             hostname,
             trustRoot=self._trust_root,
             clientCertificate=self._identity,
-            extraCertificateOptions={"raiseMinimumTo": _MINIMUM_TLS},
+            extraCertificateOptions={
+                "raiseMinimumTo": self._minimum,
+                "acceptableCiphers": _CIPHERS,
+            },
         )
 
     def creatorForNetloc(  # noqa: N802 (the IPolicyForHTTPS name)

@@ -25,7 +25,7 @@ from threshold.server.service import (
     read_state,
 )
 from threshold.tap.common import fail, listener, server_endpoint, session_config
-from threshold.tls import server_options
+from threshold.tls import CONTROL_MINIMUM_TLS, server_options
 
 log = Logger(observer=log_observer)
 
@@ -52,17 +52,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:  # noqa:
 def build_server(config: ServerConfig, reactor: Any) -> MultiService:
     """The server's service tree for a loaded configuration."""
     logs.set_debug(config.debug_log)
-    tls = None
+    tls = management_tls = None
     if config.use_tls:
         assert config.ca_certificate_file is not None
         assert config.server_tls_key_file is not None
         assert config.server_tls_certificate_file is not None
-        tls = server_options(
+        files = (
             config.ca_certificate_file,
             config.server_tls_key_file,
             config.server_tls_certificate_file,
-            source=config.source,
         )
+        # Both ends of the control connection are threshold: TLS 1.3 only.
+        tls = server_options(*files, config.source, minimum=CONTROL_MINIMUM_TLS)
+        management_tls = server_options(*files, config.source)
     restore = []
     if config.state_file is not None:
         if os.path.exists(config.state_file):
@@ -116,7 +118,10 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         api = ManagementAPI(server.routes, server.registry, **api_options)
     else:
         endpoint = server_endpoint(
-            reactor, config.management_listen_address, config.management_port, tls
+            reactor,
+            config.management_listen_address,
+            config.management_port,
+            management_tls,
         )
         api = ManagementAPI(
             server.routes,

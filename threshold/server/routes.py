@@ -2,9 +2,12 @@
 
 Tunnels are grouped by ``(ListenAddress, ListenPort)``: one listening socket
 per group. ``RouteTable.apply`` replaces the whole set at once: it checks
-every entry, binds every new socket, and only then switches the table, so a
-failure leaves the previous set in force. Groups present before and after an
-apply keep their socket, so moving a tunnel refuses no connection.
+every entry, binds every new socket, saves the set (when asked), and only
+then switches the table, so a failure leaves the previous set in force.
+Groups present before and after an apply keep their socket, so moving a
+tunnel refuses no connection. ``RouteTable.restore`` is the one partial
+path: at start, each group of the saved set that cannot be bound is left
+out and reported, and the others serve.
 
 The parsing and matching functions are pure; ``RouteTable`` receives the
 ``listen`` function, so this module never imports the reactor.
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import (
     Deferred,
@@ -37,6 +42,7 @@ from threshold.server.tunnels import (
 
 __all__ = [
     "GroupKey",
+    "NotRestored",
     "RouteTable",
     "Tunnel",
     "TunnelError",
@@ -128,6 +134,29 @@ def _bind_error(error: CannotListenError, key: GroupKey, index: int) -> TunnelEr
     )
 
 
+@dataclass(frozen=True)
+class NotRestored:
+    """An entry of the saved set that could not be put back at start."""
+
+    #: The entry's place in the saved list.
+    index: int
+    tunnel: Tunnel
+    error: TunnelError
+
+    def to_json(self) -> dict[str, Any]:
+        """The API view: the entry, where it was, and why it is not in force."""
+        return {
+            "Index": self.index,
+            "Tunnel": self.tunnel.to_json(),
+            "Error": self.error.message,
+            "Field": self.error.field,
+        }
+
+
+#: Saves a set about to be switched in; a failure cancels the apply.
+Persist = Callable[[list[Tunnel]], "Deferred[None] | None"]
+
+
 class RouteTable:
     """The tunnels in force, one listening socket per group.
 
@@ -150,6 +179,7 @@ class RouteTable:
         self._tunnels: list[Tunnel] = []
         self._groups: dict[GroupKey, tuple[Tunnel, ...]] = {}
         self._ports: dict[GroupKey, IListeningPort] = {}
+        self._not_restored: list[NotRestored] = []
 
     def tunnels(self) -> list[Tunnel]:
         """The tunnels in force, in the order they were applied."""
@@ -167,20 +197,33 @@ class RouteTable:
         """The socket of a group, or None when the group is not listening."""
         return self._ports.get(key)
 
+    def not_restored(self) -> list[NotRestored]:
+        """Saved entries the last restore could not bind (until an apply)."""
+        return list(self._not_restored)
+
     def apply(
-        self, tunnels: list[Tunnel], check_clients: bool = True
+        self,
+        tunnels: list[Tunnel],
+        check_clients: bool = True,
+        persist: Persist | None = None,
     ) -> Deferred[list[Tunnel]]:
         """Replace the whole set, all or nothing; fire with the list now in force.
 
         Fails with TunnelError (400 duplicate route, 404 client not
-        connected, 409 a socket that cannot be bound) leaving the previous
-        set in force and its sockets untouched. Applies run one at a time.
+        connected, 409 a socket that cannot be bound), or with whatever
+        ``persist(tunnels)`` raised, leaving the previous set in force and
+        its sockets untouched. Applies (and so their saves) run one at a
+        time, in the order they were asked for.
         """
         return self._lock.run(
-            lambda: Deferred.fromCoroutine(self._apply(list(tunnels), check_clients))
+            lambda: Deferred.fromCoroutine(
+                self._apply(list(tunnels), check_clients, persist)
+            )
         )
 
-    async def _apply(self, tunnels: list[Tunnel], check_clients: bool) -> list[Tunnel]:
+    async def _apply(
+        self, tunnels: list[Tunnel], check_clients: bool, persist: Persist | None
+    ) -> list[Tunnel]:
         check_duplicates(tunnels)
         if check_clients:
             for index, tunnel in enumerate(tunnels):
@@ -199,32 +242,25 @@ class RouteTable:
             first_index.setdefault(tunnel.group, index)
 
         opened: dict[GroupKey, IListeningPort] = {}
-        for key in new_groups:
-            if key in self._ports:
-                continue
-            host, port = key
-            try:
-                opened[key] = await maybeDeferred(
-                    self._listen, host, port, self._make_factory(key)
-                )
-            except CannotListenError as e:
-                await self._stop(opened)
-                raise _bind_error(e, key, first_index[key]) from None
-            except BaseException:
-                await self._stop(opened)
-                raise
-            log.info(
-                "tunnel group {address} listening",
-                address=format_address(host, port),
-            )
+        try:
+            for key in new_groups:
+                if key not in self._ports:
+                    opened[key] = await self._bind(key, first_index[key])
+            # Saved before the switch, so the file never holds a set that is
+            # not (or no longer) in force. A connection reaching a new socket
+            # meanwhile finds no entry and is closed: that tunnel is not in
+            # force until the switch.
+            if persist is not None:
+                await maybeDeferred(persist, list(tunnels))
+        except BaseException:
+            await self._stop(opened)
+            raise
 
-        # The switch: everything past this point cannot fail the apply. With
-        # endpoints that listen synchronously, the binds and this switch run
-        # in one reactor turn, so no connection reaches a new socket before
-        # its group is in the table.
+        # The switch: everything past this point cannot fail the apply.
         removed = {k: p for k, p in self._ports.items() if k not in new_groups}
         self._groups = {k: tuple(v) for k, v in new_groups.items()}
         self._tunnels = tunnels
+        self._not_restored = []
         self._ports = {
             k: opened[k] if k in opened else self._ports[k] for k in new_groups
         }
@@ -235,6 +271,65 @@ class RouteTable:
             groups=len(new_groups),
         )
         return list(tunnels)
+
+    def restore(self, tunnels: list[Tunnel]) -> Deferred[list[NotRestored]]:
+        """Put a saved set back at start, group by group; fire with what failed.
+
+        Unlike :meth:`apply`, a group whose socket cannot be bound is left
+        out (each of its entries logged and reported by
+        :meth:`not_restored`) and the other groups serve. Clients are not
+        checked: they come back after the gateway is listening.
+        """
+        return self._lock.run(
+            lambda: Deferred.fromCoroutine(self._restore(list(tunnels)))
+        )
+
+    async def _restore(self, tunnels: list[Tunnel]) -> list[NotRestored]:
+        groups: dict[GroupKey, list[int]] = {}
+        for index, tunnel in enumerate(tunnels):
+            groups.setdefault(tunnel.group, []).append(index)
+        opened: dict[GroupKey, IListeningPort] = {}
+        failed: list[NotRestored] = []
+        for key, indexes in groups.items():
+            if key in self._ports:
+                opened[key] = self._ports[key]
+                continue
+            try:
+                opened[key] = await self._bind(key, indexes[0])
+            except TunnelError as e:
+                for index in indexes:
+                    failed.append(NotRestored(index, tunnels[index], e))
+                    log.error(
+                        "state file entry {index} (client {client_id}, "
+                        "{address}) not restored: {why}",
+                        index=index,
+                        client_id=tunnels[index].client_id,
+                        address=format_address(*key),
+                        why=e.message,
+                    )
+        kept = [t for t in tunnels if t.group in opened]
+        removed = {k: p for k, p in self._ports.items() if k not in opened}
+        new_groups: dict[GroupKey, list[Tunnel]] = {}
+        for tunnel in kept:
+            new_groups.setdefault(tunnel.group, []).append(tunnel)
+        self._groups = {k: tuple(v) for k, v in new_groups.items()}
+        self._tunnels = kept
+        self._ports = opened
+        self._not_restored = failed
+        await self._stop(removed)
+        return list(failed)
+
+    async def _bind(self, key: GroupKey, index: int) -> IListeningPort:
+        """Listen for a group; a bind error is a TunnelError naming ``index``."""
+        host, port = key
+        try:
+            listening = await maybeDeferred(
+                self._listen, host, port, self._make_factory(key)
+            )
+        except CannotListenError as e:
+            raise _bind_error(e, key, index) from None
+        log.info("tunnel group {address} listening", address=format_address(host, port))
+        return listening
 
     async def _stop(self, ports: dict[GroupKey, IListeningPort]) -> None:
         """Stop listening on sockets, logging (not raising) any failure."""

@@ -490,6 +490,11 @@ class MuxSession(Protocol):
             )
         if self._close_reason is None:
             self._close_reason = Failure(GoAwayReceived(code))
+        # Optional handler hook: the role learns at once that the peer is
+        # leaving, not when its last stream ends.
+        notify = getattr(self.handler, "go_away_received", None)
+        if notify is not None:
+            notify(self, code)
         if not self.streams:
             self._close_transport()
 

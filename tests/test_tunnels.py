@@ -63,7 +63,15 @@ class ParseTunnelsTests(SynchronousTestCase):
         [t] = parse_tunnels([entry(HaProxyProxyProtocolVersion=2)])
         self.assertEqual(
             t,
-            Tunnel("TestClient1", "127.0.0.1", 9000, "*", "fooService", True, 2),
+            Tunnel(
+                client_id="TestClient1",
+                listen_address="127.0.0.1",
+                listen_port=9000,
+                hostname_glob="*",
+                backend_service="fooService",
+                proxy_protocol=True,
+                proxy_protocol_version=2,
+            ),
         )
         self.assertEqual(t.group, ("127.0.0.1", 9000))
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from threshold.config import CLIENT_ID_PATTERN
+from threshold.schema import CLIENT_ID, SchemaError
 
 __all__ = [
     "KeyPair",
@@ -318,12 +318,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_client_id(client_id: str) -> None:
-    # Same rule as the ClientId config field; it also keeps the file name safe.
-    if not CLIENT_ID_PATTERN.fullmatch(client_id):
-        raise KeygenError(
-            f"invalid client id {client_id!r}: use 1 to 128 letters, digits,"
-            " '.', '_' or '-'"
-        )
+    # The ClientId rule of the config and the hello; it also keeps the file
+    # name safe.
+    try:
+        CLIENT_ID.check(client_id)
+    except SchemaError as e:
+        raise KeygenError(f"invalid client id {client_id!r}: {e.message}") from None
 
 
 def _run(args: argparse.Namespace) -> str:

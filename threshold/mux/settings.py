@@ -1,47 +1,92 @@
-"""The session's tunables, with their defaults and bounds."""
+"""The session's tunables, with their defaults and bounds (one table).
+
+The config files set some of them under the JSON names given here
+(``threshold.config`` takes the fields from ``SESSION``); the rest are
+fixed. Both the defaults and the bounds live only here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from threshold.schema import BOOLEAN, Bytes, Integer, Schema, Seconds, field
 from threshold.wire.frames import MAX_UINT32
 
 #: Every stream's window in each direction when it opens (the yamux spec).
 INITIAL_WINDOW = 256 * 1024
+
+_MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class SessionConfig:
     """Tunables of a session; the defaults are safe on the public internet."""
 
-    #: Receive window a stream may grow to (auto-tuned from 256 KiB).
-    max_window: int = 16 * 1024 * 1024
-    #: Streams open at once; a peer opening more gets RST on the excess.
-    max_streams: int = 4096
-    #: Largest Data frame accepted (a larger header is a protocol error).
-    max_frame_receive: int = 16 * 1024 * 1024
-    #: Largest Data frame sent.
-    max_frame_send: int = 64 * 1024
-    #: Seconds between keepalive Pings; 0 disables keepalive.
-    keepalive_interval: float = 30.0
-    #: Seconds a Ping may go unanswered before the session is dead.
-    keepalive_timeout: float = 90.0
-    #: Seconds a closed stream waits for the peer's FIN before RST.
-    stream_linger: float = 30.0
-    #: Seconds to let the transport flush after Go Away before aborting it.
-    close_timeout: float = 5.0
-    #: Log every frame sent and received at debug level (``DebugLog``).
-    debug_frames: bool = False
-    #: Control-frame bytes written while the peer is not reading before the
-    #: session is closed (Window Updates, RSTs: bounded, but not by windows).
-    max_control_backlog: int = 1024 * 1024
+    max_window: int = field(
+        "MaxReceiveWindowBytes",
+        Bytes(INITIAL_WINDOW, MAX_UINT32),  # a Window Update's delta is 32 bits
+        16 * _MIB,
+        doc="Largest receive window one stream may grow to, auto-tuned from"
+        " 256 KiB (throughput on long links against memory).",
+    )
+    max_streams: int = field(
+        "MaxStreamsPerSession",
+        Integer(1),
+        4096,
+        doc="Streams (tunneled connections) open at once on one session; a peer"
+        " opening more gets RST on the excess.",
+    )
+    max_frame_receive: int = field(
+        None,
+        Bytes(1, MAX_UINT32),
+        16 * _MIB,
+        doc="Largest Data frame accepted (a larger header is a protocol error).",
+    )
+    max_frame_send: int = field(
+        None, Bytes(1, MAX_UINT32), 64 * 1024, doc="Largest Data frame sent."
+    )
+    keepalive_interval: float = field(
+        "KeepaliveIntervalSeconds",
+        Seconds(zero_ok=True),
+        30.0,
+        doc="Interval between keepalive Pings on a session (0: none).",
+    )
+    keepalive_timeout: float = field(
+        "KeepaliveTimeoutSeconds",
+        Seconds(),
+        90.0,
+        doc="A session whose Ping has gone unanswered this long is dead and is closed.",
+    )
+    stream_linger: float = field(
+        None,
+        Seconds(zero_ok=True),
+        30.0,
+        doc="How long a closed stream waits for the peer's FIN before RST.",
+    )
+    close_timeout: float = field(
+        None,
+        Seconds(zero_ok=True),
+        5.0,
+        doc="How long the transport may flush after Go Away before it is aborted.",
+    )
+    debug_frames: bool = field(
+        None,
+        BOOLEAN,
+        False,
+        doc="Log every frame sent and received at debug level (set by `DebugLog`).",
+    )
+    max_control_backlog: int = field(
+        None,
+        Bytes(1),
+        _MIB,
+        doc="Control-frame bytes (Window Updates, RSTs) written while the peer"
+        " is not reading before the session is closed: bounded, but not by"
+        " windows.",
+    )
 
     def __post_init__(self) -> None:
-        if self.max_window < INITIAL_WINDOW or self.max_window > MAX_UINT32:
-            raise ValueError(
-                f"max_window must be from {INITIAL_WINDOW} to {MAX_UINT32}"
-            )
-        if self.max_streams < 1:
-            raise ValueError("max_streams must be at least 1")
-        if self.max_frame_send < 1:
-            raise ValueError("max_frame_send must be at least 1")
+        SESSION.validate(self)
+
+
+#: The table of :class:`SessionConfig` (checked on construction).
+SESSION = Schema(SessionConfig, checked_by_init=True)

@@ -10,10 +10,21 @@ a ``HandshakeError`` saying what was wrong.
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from threshold.schema import (
+    BOOLEAN,
+    CLIENT_ID,
+    SERVICE_NAME,
+    TEXT,
+    Integer,
+    Schema,
+    SchemaError,
+    field,
+    show,
+)
 from threshold.wire import strictjson
 
 __all__ = [
@@ -39,9 +50,6 @@ MAX_LINE = 4096
 #: The only hello version this code speaks.
 PROTOCOL_VERSION = 1
 
-# Same rule as the ClientId config field ("@" is kept out for ClientId@Domain).
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_MAX_SERVICE = 128
 # Error texts in a reply are cut to this many characters, so that the
 # encoded reply always fits in MAX_LINE.
 _MAX_ERROR = 300
@@ -55,23 +63,35 @@ class HandshakeError(ValueError):
 class Hello:
     """The client's first message: protocol version and client id."""
 
-    version: int
-    client_id: str
+    version: int = field("version", Integer(0), doc="The hello's version (1).")
+    client_id: str = field(
+        "clientId", CLIENT_ID, doc="The client's `ClientId`, as in its config."
+    )
 
 
 @dataclass(frozen=True)
 class HelloReply:
     """The server's answer to a hello: accepted, or refused with a reason."""
 
-    ok: bool
-    error: str | None = None
+    ok: bool = field("ok", BOOLEAN, doc="Whether the hello was accepted.")
+    error: str | None = field(
+        "error", TEXT, None, nullable=True, doc="Why it was refused."
+    )
 
 
 @dataclass(frozen=True)
 class StreamHeader:
     """The first line of a tunneled stream: which service it is for."""
 
-    service: str
+    service: str = field(
+        "service", SERVICE_NAME, doc="The service, as in the tunnel's BackEndService."
+    )
+
+
+# Later versions may add keys to each line: they are ignored.
+_HELLO = Schema(Hello, ignore_unknown=True)
+_HELLO_REPLY = Schema(HelloReply, ignore_unknown=True)
+_STREAM_HEADER = Schema(StreamHeader, ignore_unknown=True)
 
 
 class LineBuffer:
@@ -144,62 +164,35 @@ def _encode(obj: dict[str, Any]) -> bytes:
     return data + b"\n"
 
 
-def _check_client_id(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _CLIENT_ID.fullmatch(value):
-        raise HandshakeError(
-            f'{what} "clientId" must be 1 to 128 letters, digits, ".", "_" or "-",'
-            f" got {_brief(value)}"
-        )
-    return value
-
-
-def _check_service(value: object, what: str) -> str:
-    if (
-        not isinstance(value, str)
-        or not value
-        or len(value) > _MAX_SERVICE
-        or not value.isprintable()
-    ):
-        raise HandshakeError(
-            f'{what} "service" must be 1 to {_MAX_SERVICE} printable characters,'
-            f" got {_brief(value)}"
-        )
-    return value
-
-
-def _brief(value: object, limit: int = 60) -> str:
-    """Show a (possibly hostile) value briefly, on one line."""
+def _parse(schema: Schema, obj: Mapping[str, Any], what: str) -> Any:
     try:
-        text = json.dumps(value, ensure_ascii=True)
-    except (TypeError, ValueError, RecursionError):
-        text = type(value).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        return schema.parse(obj)
+    except SchemaError as e:
+        raise HandshakeError(f"{what} {e}") from None
+
+
+def _check(kind: Any, value: object, name: str, what: str) -> Any:
+    try:
+        return kind.check(value)
+    except SchemaError as e:
+        raise HandshakeError(f"{what} {e.within(name)}") from None
 
 
 def encode_hello(client_id: str) -> bytes:
     """Encode the client's hello line."""
-    _check_client_id(client_id, "hello")
+    _check(CLIENT_ID, client_id, "clientId", "hello")
     return _encode({"version": PROTOCOL_VERSION, "clientId": client_id})
 
 
 def parse_hello(line: bytes) -> Hello:
     """Parse and check a hello line (with or without its ``\\n``)."""
-    obj = _decode(line, "hello")
-    if "version" not in obj:
-        raise HandshakeError('hello has no "version"')
-    version = obj["version"]
-    if not isinstance(version, int) or isinstance(version, bool):
+    hello: Hello = _parse(_HELLO, _decode(line, "hello"), "hello")
+    if hello.version != PROTOCOL_VERSION:
         raise HandshakeError(
-            f'hello "version" must be an integer, got {_brief(version)}'
-        )
-    if version != PROTOCOL_VERSION:
-        raise HandshakeError(
-            f"unsupported hello version {version} (this side speaks version"
+            f"unsupported hello version {hello.version} (this side speaks version"
             f" {PROTOCOL_VERSION})"
         )
-    if "clientId" not in obj:
-        raise HandshakeError('hello has no "clientId"')
-    return Hello(version, _check_client_id(obj["clientId"], "hello"))
+    return hello
 
 
 def encode_hello_reply(ok: bool, error: str | None = None) -> bytes:
@@ -208,9 +201,9 @@ def encode_hello_reply(ok: bool, error: str | None = None) -> bytes:
     A long ``error`` is shortened so the line stays within ``MAX_LINE``.
     """
     if not isinstance(ok, bool):
-        raise HandshakeError(f"ok must be a bool, got {_brief(ok)}")
+        raise HandshakeError(f"ok must be a bool, got {show(ok)}")
     if error is not None and not isinstance(error, str):
-        raise HandshakeError(f"error must be a string or None, got {_brief(error)}")
+        raise HandshakeError(f"error must be a string or None, got {show(error)}")
     if ok:
         if error is not None:
             raise HandshakeError("an accepting reply carries no error")
@@ -226,32 +219,24 @@ def encode_hello_reply(ok: bool, error: str | None = None) -> bytes:
 
 def parse_hello_reply(line: bytes) -> HelloReply:
     """Parse the server's answer to a hello."""
-    obj = _decode(line, "hello reply")
-    if "ok" not in obj:
-        raise HandshakeError('hello reply has no "ok"')
-    ok = obj["ok"]
-    if not isinstance(ok, bool):
-        raise HandshakeError(
-            f'hello reply "ok" must be true or false, got {_brief(ok)}'
-        )
-    error = obj.get("error")
-    if error is not None and not isinstance(error, str):
-        raise HandshakeError(
-            f'hello reply "error" must be a string, got {_brief(error)}'
-        )
-    if ok:
-        error = None
-    return HelloReply(ok, error)
+    reply: HelloReply = _parse(
+        _HELLO_REPLY, _decode(line, "hello reply"), "hello reply"
+    )
+    if reply.ok and reply.error is not None:
+        return HelloReply(True)
+    return reply
 
 
 def encode_stream_header(service: str) -> bytes:
     """Encode the header line that starts a tunneled stream."""
-    return _encode({"service": _check_service(service, "stream header")})
+    return _encode(
+        {"service": _check(SERVICE_NAME, service, "service", "stream header")}
+    )
 
 
 def parse_stream_header(line: bytes) -> StreamHeader:
     """Parse the header line of a tunneled stream; unknown keys are ignored."""
-    obj = _decode(line, "stream header")
-    if "service" not in obj:
-        raise HandshakeError('stream header has no "service"')
-    return StreamHeader(_check_service(obj["service"], "stream header"))
+    header: StreamHeader = _parse(
+        _STREAM_HEADER, _decode(line, "stream header"), "stream header"
+    )
+    return header

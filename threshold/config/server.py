@@ -1,0 +1,246 @@
+"""The server's settings (``server.json``): one table of fields.
+
+Each field is declared once: JSON name, kind with its bounds, default, doc
+(docs/configuration.md's table is generated from it). Session settings
+come from :data:`threshold.mux.settings.SESSION`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from threshold.mux.settings import SESSION
+from threshold.schema import (
+    BOOLEAN,
+    DOMAIN,
+    IP_ADDRESS,
+    PORT,
+    STRING_LIST,
+    Bytes,
+    Field,
+    FilePath,
+    Integer,
+    Schema,
+    SchemaError,
+    Seconds,
+    field,
+    like,
+)
+from threshold.wire.clienthello import DEFAULT_MAX_SIZE as _CLIENT_HELLO_DEFAULT
+
+__all__ = ["DEBUG_LOG", "SERVER", "TLS_FILES", "ServerConfig", "check_server"]
+
+#: ``DebugLog``, the same in both roles' files.
+DEBUG_LOG = Field("DebugLog", BOOLEAN, False, "Log at debug level.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """The server's settings (``server.json``)."""
+
+    debug_log: bool = like(DEBUG_LOG)
+    tunnel_control_port: int = field(
+        "TunnelControlPort", PORT, 9056, doc="Port that tunnel clients connect to."
+    )
+    listen_address: str = field(
+        "ListenAddress",
+        IP_ADDRESS,
+        "0.0.0.0",
+        doc='Address of the tunnel control listener. `"::"` listens on IPv6 (and'
+        " IPv4 on dual-stack hosts).",
+    )
+    management_port: int = field(
+        "ManagementPort",
+        PORT,
+        9057,
+        doc="Port of the management API. Must differ from `TunnelControlPort` when"
+        " both listen on the same (or an overlapping wildcard) address.",
+    )
+    management_listen_address: str = field(
+        "ManagementListenAddress",
+        IP_ADDRESS,
+        "0.0.0.0",
+        default_doc='`"0.0.0.0"` with TLS, `"127.0.0.1"` without',
+        doc="Address of the management API. Without TLS the API has no"
+        " authentication, so it only listens on loopback unless you say otherwise.",
+    )
+    use_tls: bool = field(
+        "UseTls",
+        BOOLEAN,
+        True,
+        doc="Mutual TLS on the tunnel control port and HTTPS with client"
+        " certificates on the management API. Turn off only for tests or behind"
+        " another secure transport.",
+    )
+    ca_certificate_file: str | None = field(
+        "CaCertificateFile",
+        FilePath(),
+        None,
+        default_doc="required with TLS",
+        doc="PEM file of the CA (one or more certificates) that signs client"
+        " certificates. Only clients with a certificate from this CA can connect.",
+    )
+    server_tls_key_file: str | None = field(
+        "ServerTlsKeyFile",
+        FilePath(),
+        None,
+        default_doc="required with TLS",
+        doc="PEM private key of the server (unencrypted; keep it mode 0600).",
+    )
+    server_tls_certificate_file: str | None = field(
+        "ServerTlsCertificateFile",
+        FilePath(),
+        None,
+        default_doc="required with TLS",
+        doc="PEM certificate of the server, signed by the CA, with every name and"
+        " IP that clients use as `ServerHost` in its subjectAltName. Certificates"
+        " after the first are sent as the chain.",
+    )
+    domain: str | None = field(
+        "Domain",
+        DOMAIN,
+        None,
+        nullable=True,
+        doc="When set, a client's certificate Common Name must be `ClientId@Domain`"
+        " instead of `ClientId`. No spaces or `@`.",
+    )
+    state_file: str | None = field(
+        "StateFile",
+        FilePath(folder_must_exist=True),
+        None,
+        nullable=True,
+        doc="File where the server saves the tunnel set in force, so that it can"
+        " be restored after a restart. The directory must exist; the file need"
+        " not.",
+    )
+    management_allowed_common_names: tuple[str, ...] | None = field(
+        "ManagementAllowedCommonNames",
+        STRING_LIST,
+        None,
+        nullable=True,
+        doc="Certificate Common Names allowed to use the management API. `null`:"
+        " any certificate from the CA. `[]`: nobody.",
+    )
+    handshake_timeout_seconds: float = field(
+        "HandshakeTimeoutSeconds",
+        Seconds(),
+        10.0,
+        doc="Time a new control connection has to complete TLS and send its hello.",
+    )
+    keepalive_interval_seconds: float = like(
+        SESSION["keepalive_interval"], kind=Seconds()
+    )
+    keepalive_timeout_seconds: float = like(SESSION["keepalive_timeout"])
+    max_streams_per_session: int = like(SESSION["max_streams"])
+    max_receive_window_bytes: int = like(SESSION["max_window"])
+    sni_read_timeout_seconds: float = field(
+        "SniReadTimeoutSeconds",
+        Seconds(),
+        10.0,
+        doc="Time an internet user has to send a TLS ClientHello on a port routed"
+        " by host name.",
+    )
+    max_client_hello_bytes: int = field(
+        "MaxClientHelloBytes",
+        Bytes(1024, 65536),
+        _CLIENT_HELLO_DEFAULT,
+        doc="Most bytes read while looking for the SNI name.",
+    )
+    max_management_body_bytes: int = field(
+        "MaxManagementBodyBytes",
+        Bytes(1024),
+        1024 * 1024,
+        doc="Largest management API request body; larger bodies get 413.",
+    )
+    max_clients: int = field(
+        "MaxClients", Integer(1), 1000, doc="Clients connected at once."
+    )
+    max_pending_handshakes: int = field(
+        "MaxPendingHandshakes",
+        Integer(1),
+        100,
+        doc="Control connections that have not yet completed the hello; more are"
+        " closed at once. Bounds what unauthenticated peers can hold.",
+    )
+    max_connections_per_tunnel: int = field(
+        "MaxConnectionsPerTunnel",
+        Integer(0),
+        10000,
+        doc="Concurrent internet-user connections on one tunnel socket"
+        " (`ListenAddress`, `ListenPort`); more are closed at once. `0`: no limit.",
+    )
+    max_connections_per_source_ip: int = field(
+        "MaxConnectionsPerSourceIp",
+        Integer(0),
+        256,
+        doc="Concurrent internet-user connections from one source IP address,"
+        " across all tunnels; more are closed at once. `0`: no limit.",
+    )
+    public_idle_timeout_seconds: float = field(
+        "PublicIdleTimeoutSeconds",
+        Seconds(zero_ok=True),
+        0.0,
+        doc="Close an internet-user connection after this long with no bytes"
+        " either way. `0` (default): never, so quiet long-lived protocols (SSH,"
+        " IMAP IDLE) are not cut; the two limits above bound what idle"
+        " connections can hold.",
+    )
+    shutdown_grace_seconds: float = field(
+        "ShutdownGraceSeconds",
+        Seconds(zero_ok=True),
+        10.0,
+        doc="On stop (SIGTERM), public listeners close first; running connections"
+        " then get this long to finish before the sessions are closed.",
+    )
+    management_socket: str | None = field(
+        "ManagementSocket",
+        FilePath(folder_must_exist=True),
+        None,
+        nullable=True,
+        doc="Serve the management API on this Unix socket (created mode 0600)"
+        " instead of `ManagementPort`: the file's permissions are the access"
+        " control, and nothing listens on the network for management.",
+    )
+    #: Name of the config file, the prefix of error messages (e.g. from tls).
+    source: str = "server config"
+
+
+#: The table of :class:`ServerConfig`.
+SERVER = Schema(ServerConfig)
+
+#: The files TLS needs (checked for reading when ``UseTls``).
+TLS_FILES = (
+    "ca_certificate_file",
+    "server_tls_key_file",
+    "server_tls_certificate_file",
+)
+
+
+def _addresses_overlap(a: str, b: str) -> bool:
+    """Tell whether listeners on ``a`` and ``b`` would claim the same port."""
+    ia, ib = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    if ia == ib:
+        return True
+    for x, y in ((ia, ib), (ib, ia)):
+        # "::" is dual-stack on most hosts, so it covers IPv4 addresses too.
+        if x.is_unspecified and (x.version == 6 or y.version == 4):
+            return True
+    return False
+
+
+def check_server(values: dict[str, Any], present: set[str]) -> None:
+    """The rules between fields: the API's default address, distinct ports."""
+    if not values["use_tls"] and "management_listen_address" not in present:
+        values["management_listen_address"] = "127.0.0.1"
+    if values["tunnel_control_port"] == values["management_port"] and (
+        _addresses_overlap(
+            values["listen_address"], values["management_listen_address"]
+        )
+    ):
+        raise SchemaError(
+            'must differ from "TunnelControlPort" on the same address'
+            f" (both are {values['management_port']})",
+            "ManagementPort",
+        )

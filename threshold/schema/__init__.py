@@ -1,0 +1,82 @@
+"""One schema per object: field tables and one validator per kind of value.
+
+Pure code, no reactor; the lowest layer with ``threshold.wire``. See
+:mod:`threshold.schema.core` for the machinery (declare fields on a
+dataclass, parse, ``to_json``, doc tables) and :mod:`threshold.schema.kinds`
+for the validators (ClientId, service name, host glob, address, port,
+seconds, sizes, file names).
+"""
+
+from threshold.schema.core import (
+    REQUIRED,
+    Field,
+    Kind,
+    Schema,
+    SchemaError,
+    UnknownField,
+    Wrong,
+    field,
+    like,
+    show,
+)
+from threshold.schema.kinds import (
+    BOOLEAN,
+    CLIENT_ID,
+    CLIENT_ID_PATTERN,
+    DOMAIN,
+    HOST,
+    HOST_GLOB,
+    IP_ADDRESS,
+    MAX_SECONDS,
+    MAX_SERVICE_NAME,
+    PORT,
+    SERVICE_MAP,
+    SERVICE_NAME,
+    STRING_LIST,
+    TEXT,
+    Bytes,
+    Choice,
+    FilePath,
+    Integer,
+    Seconds,
+    Text,
+    format_address,
+    is_dns_name,
+    parse_host_port,
+)
+
+__all__ = [
+    "BOOLEAN",
+    "CLIENT_ID",
+    "CLIENT_ID_PATTERN",
+    "DOMAIN",
+    "HOST",
+    "HOST_GLOB",
+    "IP_ADDRESS",
+    "MAX_SECONDS",
+    "MAX_SERVICE_NAME",
+    "PORT",
+    "REQUIRED",
+    "SERVICE_MAP",
+    "SERVICE_NAME",
+    "STRING_LIST",
+    "TEXT",
+    "Bytes",
+    "Choice",
+    "Field",
+    "FilePath",
+    "Integer",
+    "Kind",
+    "Schema",
+    "SchemaError",
+    "Seconds",
+    "Text",
+    "UnknownField",
+    "Wrong",
+    "field",
+    "format_address",
+    "is_dns_name",
+    "like",
+    "parse_host_port",
+    "show",
+]

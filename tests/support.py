@@ -185,7 +185,6 @@ class Deployment:
             client_id=client_id,
             server_host="127.0.0.1",
             server_tunnel_control_port=self.control_port,
-            server_management_port=self.management_port,
             use_tls=self.use_tls,
             service_to_local_addr_map=services,
             keepalive_interval_seconds=1.0,

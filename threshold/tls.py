@@ -61,7 +61,7 @@ _CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
 
 
 def _error(source: str, field: str, message: str) -> ConfigError:
-    return ConfigError(f'{source}: field "{field}": {message}')
+    return ConfigError(source, message, field)
 
 
 def _read(path: str, what: str, field: str, source: str) -> bytes:

@@ -376,6 +376,122 @@ class RouteTableFakeTests(SynchronousTestCase):
         self.assertEqual(self.table.tunnels(), [])
         self.assertEqual(self.table.group(("127.0.0.1", 9000)), ())
 
+    def test_persist_before_switch(self):
+        """A set is saved after its sockets bind and before it is in force."""
+        saved: list[list[Tunnel]] = []
+        held: list[Deferred[None]] = []
+
+        def persist(tunnels):
+            saved.append(tunnels)
+            # Saved with the new sockets bound, the old set still in force.
+            self.assertIn(("127.0.0.1", 9001), self.listen.ports)
+            self.assertEqual(self.table.tunnels(), [])
+            held.append(Deferred())
+            return held[-1]
+
+        d = self.table.apply([tunnel(port=9001)], persist=persist)
+        self.assertEqual(saved, [[tunnel(port=9001)]])
+        self.assertNoResult(d)
+        self.assertEqual(self.table.tunnels(), [])
+        held[0].callback(None)
+        self.assertEqual(self.successResultOf(d), [tunnel(port=9001)])
+        self.assertEqual(self.table.tunnels(), [tunnel(port=9001)])
+
+    def test_persist_failure_cancels_apply(self):
+        """A set that cannot be saved is not applied; new sockets close."""
+        self.successResultOf(self.table.apply([tunnel()]))
+        old = self.table.listening_port(("127.0.0.1", 9000))
+
+        def persist(tunnels):
+            raise TunnelError(503, "cannot save")
+
+        failure = self.failureResultOf(
+            self.table.apply([tunnel(port=9001)], persist=persist), TunnelError
+        )
+        self.assertEqual(failure.value.status, 503)
+        self.assertTrue(self.listen.ports[("127.0.0.1", 9001)].stopped)
+        self.assertFalse(old.stopped)
+        self.assertEqual(self.table.tunnels(), [tunnel()])
+
+    def test_persist_not_called_on_refusal(self):
+        """A refused set (bind error) is never saved."""
+        saved = []
+        self.listen.fail = {9001: OSError(errno.EADDRINUSE, "in use")}
+        self.failureResultOf(
+            self.table.apply([tunnel(port=9001)], persist=saved.append), TunnelError
+        )
+        self.assertEqual(saved, [])
+
+    def test_saves_in_apply_order(self):
+        """Concurrent applies save one at a time, in order: the last set asked
+        for is the last saved and the one in force."""
+        saved: list[list[Tunnel]] = []
+        held: list[Deferred[None]] = []
+
+        def persist(tunnels):
+            saved.append(tunnels)
+            held.append(Deferred())
+            return held[-1]
+
+        first = self.table.apply([tunnel(port=9001)], persist=persist)
+        second = self.table.apply([tunnel(port=9002)], persist=persist)
+        # The second save waits for the first apply to finish.
+        self.assertEqual(len(saved), 1)
+        held[0].callback(None)
+        self.assertEqual(len(saved), 2)
+        held[1].callback(None)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(saved, [[tunnel(port=9001)], [tunnel(port=9002)]])
+        self.assertEqual(self.table.tunnels(), [tunnel(port=9002)])
+
+    def test_restore_group_by_group(self):
+        """A saved group that cannot bind is left out and reported; the
+        others serve, in their saved order."""
+        self.listen.fail = {9001: OSError(errno.EADDRINUSE, "in use")}
+        saved = [
+            tunnel(port=9000),
+            tunnel("a.example.com", port=9001),
+            tunnel(port=9002, client="Gone"),
+            tunnel("b.example.com", port=9001),
+        ]
+        failed = self.successResultOf(self.table.restore(saved))
+        self.assertEqual(self.table.tunnels(), [saved[0], saved[2]])
+        self.assertEqual(self.table.not_restored(), failed)
+        self.assertEqual([f.index for f in failed], [1, 3])
+        self.assertEqual([f.tunnel for f in failed], [saved[1], saved[3]])
+        self.assertEqual(
+            failed[0].to_json(),
+            {
+                "Index": 1,
+                "Tunnel": saved[1].to_json(),
+                "Error": "entry 1: address 127.0.0.1:9001 already in use",
+                "Field": "ListenPort",
+            },
+        )
+        self.assertEqual(self.table.group(("127.0.0.1", 9001)), ())
+
+    def test_apply_clears_restore_failures(self):
+        """Once an operator applies a set, the restore's failures are gone."""
+        self.listen.fail = {9001: OSError(errno.EADDRINUSE, "in use")}
+        self.successResultOf(self.table.restore([tunnel(port=9001)]))
+        self.assertEqual(len(self.table.not_restored()), 1)
+        # A refused apply keeps them: the set in force did not change.
+        self.failureResultOf(self.table.apply([tunnel(port=9001)]), TunnelError)
+        self.assertEqual(len(self.table.not_restored()), 1)
+        self.successResultOf(self.table.apply([tunnel(port=9000)]))
+        self.assertEqual(self.table.not_restored(), [])
+
+    def test_restore_all_failing(self):
+        """Nothing bindable: an empty table, every entry reported."""
+        self.listen.fail = {9000: OSError(errno.EACCES, "no")}
+        failed = self.successResultOf(
+            self.table.restore([tunnel(), tunnel("x.example.com")])
+        )
+        self.assertEqual(self.table.tunnels(), [])
+        self.assertEqual(len(failed), 2)
+        self.assertIn("permission denied", failed[0].error.message)
+
     def test_input_list_copied(self):
         """Changing the list passed to apply afterwards changes nothing."""
         given_list = [tunnel()]

@@ -1,25 +1,23 @@
-"""The server's control connections in memory: handshake, identity, registry."""
+"""The gateway service in memory: control listener, saving, restore, stop."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import MuxSession, SessionConfig
-from threshold.server.routes import parse_tunnels
+from threshold.server.routes import TunnelError, parse_tunnels
 from threshold.server.service import (
-    STATE_CLOSED,
     STATE_CONNECTED,
-    STATE_ERROR,
     ControlSettings,
-    StateFileError,
     TunnelServer,
     read_state,
     write_state,
@@ -28,12 +26,43 @@ from threshold.testing import Collector
 from threshold.wire.handshake import encode_hello
 
 
-def make_server(clock: Clock, **settings) -> TunnelServer:
+def at_once(f, *args):
+    """Run the state file's blocking write in the caller's thread."""
+    return maybeDeferred(f, *args)
+
+
+class Listen:
+    """A listen function whose ports can be made busy."""
+
+    def __init__(self) -> None:
+        self.busy: set[int] = set()
+        self.open: set[int] = set()
+
+    def __call__(self, host, port, factory):
+        if port in self.busy:
+            raise CannotListenError(host, port, OSError(errno.EADDRINUSE, "in use"))
+        self.open.add(port)
+        return succeed(FakePort(self, port))
+
+
+class FakePort:
+    def __init__(self, listen: Listen, port: int) -> None:
+        self.listen, self.port = listen, port
+
+    def stopListening(self):
+        self.listen.open.discard(self.port)
+        return succeed(None)
+
+
+def make_server(clock: Clock, state_file=None, restore=None, listen=None, **settings):
     config = SessionConfig(keepalive_interval=0)
     return TunnelServer(
-        lambda host, port, factory: succeed(None),
+        listen or Listen(),
         clock,
         ControlSettings(session=config, **settings),
+        state_file=state_file,
+        restore=restore,
+        run_in_thread=at_once,
     )
 
 
@@ -61,196 +90,112 @@ def hello(client: MuxSession, pump, client_id: str = "TestClient1") -> Collector
     return reply
 
 
-class HandshakeTests(SynchronousTestCase):
-    def test_hello_accepted(self):
-        """A valid hello is answered ok and the client is connected."""
+def entry(port: int, client: str = "TestClient1") -> dict:
+    return {"ClientId": client, "ListenPort": port, "BackEndService": "svc"}
+
+
+class ControlTests(SynchronousTestCase):
+    def test_hello_through_the_service(self):
+        """The service's control factory accepts a client into its registry,
+        counting refusals in the service's counters."""
         clock = Clock()
         server = make_server(clock)
         client, session, pump = dial(server, clock)
-        reply = hello(client, pump)
-        self.assertEqual(json.loads(reply.data), {"ok": True})
-        self.assertTrue(server.registry.is_connected("TestClient1"))
-        snapshot = server.registry.snapshot()["TestClient1"]
-        self.assertEqual(snapshot["CurrentState"], STATE_CONNECTED)
-        self.assertEqual(snapshot["LastState"], "ClientUnknown")
-
-    def test_bad_hello_refused(self):
-        """A hello that is not JSON gets ok false with the reason, then Go Away."""
-        clock = Clock()
-        server = make_server(clock)
-        client, session, pump = dial(server, clock)
-        reply = Collector()
-        client.open_stream(reply).write(b"hello there\n")
-        pump.flush()
-        answer = json.loads(reply.data)
-        self.assertFalse(answer["ok"])
-        self.assertIn("JSON", answer["error"])
-        self.assertTrue(client.closed)
-        self.assertEqual(server.handshake_failures, 1)
-        self.assertEqual(server.registry.snapshot(), {})
-
-    def test_hello_timeout(self):
-        """No hello within the timeout closes the connection."""
-        clock = Clock()
-        server = make_server(clock, handshake_timeout=5)
-        client, session, pump = dial(server, clock)
-        clock.advance(4.9)
-        pump.flush()
-        self.assertFalse(client.closed)
-        clock.advance(0.2)
-        pump.flush()
-        self.assertTrue(client.closed)
-        self.assertEqual(server.handshake_failures, 1)
-
-    def test_streams_before_hello_refused(self):
-        """Until the hello is accepted, no stream other than 1 is accepted."""
-        clock = Clock()
-        server = make_server(clock)
-        client, session, pump = dial(server, clock)
-        client._next_id = 3  # skip stream 1
-        other = Collector()
-        client.open_stream(other).write(b"x")
-        pump.flush()
-        self.assertIsNotNone(other.lost)
-        self.assertEqual(server.registry.snapshot(), {})
-
-    def test_client_streams_after_hello_refused(self):
-        """Client-opened streams other than 1 are reserved, so refused."""
-        clock = Clock()
-        server = make_server(clock)
-        client, session, pump = dial(server, clock)
-        hello(client, pump)
-        other = Collector()
-        client.open_stream(other).write(b"x")
-        pump.flush()
-        self.assertIsNotNone(other.lost)
-        self.assertTrue(server.registry.is_connected("TestClient1"))
-
-    def test_identity_required_with_tls(self):
-        """With TLS, a transport without a certificate cannot pass the hello."""
-        clock = Clock()
-        server = make_server(clock, use_tls=True)
-        client, session, pump = dial(server, clock)
-        reply = hello(client, pump)
-        answer = json.loads(reply.data)
-        self.assertFalse(answer["ok"])
-        self.assertIn("does not match the certificate", answer["error"])
-
-    def test_server_full(self):
-        """Past MaxClients, new client ids are refused; known ones are not."""
-        clock = Clock()
-        server = make_server(clock, max_clients=1)
-        c1, _, p1 = dial(server, clock)
-        hello(c1, p1, "A")
-        c2, _, p2 = dial(server, clock)
-        reply = hello(c2, p2, "B")
-        self.assertIn("server full", json.loads(reply.data)["error"])
-        c3, _, p3 = dial(server, clock)
-        reply = hello(c3, p3, "A")
-        self.assertEqual(json.loads(reply.data), {"ok": True})
-
-    def test_newest_connection_wins(self):
-        """A second connection of the same ClientId replaces the first."""
-        clock = Clock()
-        server = make_server(clock)
-        c1, s1, p1 = dial(server, clock)
-        hello(c1, p1)
-        c2, s2, p2 = dial(server, clock)
-        hello(c2, p2)
-        p1.flush()
-        self.assertIs(server.registry.session_for("TestClient1"), s2)
-        # The old one got Go Away: it refuses new streams and closes once its
-        # last stream is done (here stream 1, reset after the linger time).
-        self.assertTrue(c1._remote_go_away)
-        clock.advance(s1.config.stream_linger + 1)
-        p1.flush()
-        self.assertTrue(c1.closed)
-        # The old session's end does not disconnect the new one.
-        self.assertTrue(server.registry.is_connected("TestClient1"))
+        self.assertEqual(json.loads(hello(client, pump).data), {"ok": True})
         self.assertEqual(
-            server.registry.snapshot()["TestClient1"]["CurrentState"],
-            STATE_CONNECTED,
+            server.registry.snapshot()["TestClient1"]["CurrentState"], STATE_CONNECTED
         )
+        self.assertIs(server.control_factory(), server.control_factory())
+        bad, _, bad_pump = dial(server, clock)
+        bad.open_stream(Collector()).write(b"nope\n")
+        bad_pump.flush()
+        self.assertEqual(server.handshake_failures, 1)
+        self.assertEqual(server.handshake_failure_reasons["bad_hello"], 1)
 
-    def test_states_on_close_and_error(self):
-        """A clean end is ClientClosed; a lost connection is ClientError."""
-        clock = Clock()
-        server = make_server(clock)
-        c1, s1, p1 = dial(server, clock)
-        hello(c1, p1)
-        c1.close()
-        p1.flush()
-        state = server.registry.snapshot()["TestClient1"]
-        self.assertEqual(
-            (state["CurrentState"], state["LastState"]),
-            (STATE_CLOSED, STATE_CONNECTED),
+
+class SaveTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "state.json")
+        self.clock = Clock()
+
+    def test_apply_saves(self):
+        """An accepted set is in the file when the apply answers."""
+        server = make_server(self.clock, state_file=self.path)
+        tunnels = parse_tunnels([entry(9000)])
+        d = server.apply(tunnels)
+        # No client connected: refused, nothing saved.
+        self.failureResultOf(d, TunnelError)
+        self.assertFalse(os.path.exists(self.path))
+        server.registry.connected("TestClient1", FakeSession(), "p")
+        self.assertEqual(self.successResultOf(server.apply(tunnels)), tunnels)
+        self.assertEqual(read_state(self.path), tunnels)
+
+    def test_save_failure_is_503_and_nothing_changes(self):
+        """A set that cannot be saved is refused with 503; the old set stays
+        in force and in the file, and the new sockets are closed."""
+        listen = Listen()
+        server = make_server(self.clock, state_file=self.path, listen=listen)
+        server.registry.connected("TestClient1", FakeSession(), "p")
+        old = parse_tunnels([entry(9000)])
+        self.successResultOf(server.apply(old))
+        # A directory where the file was: the rename over it fails.
+        os.rename(self.path, self.path + ".keep")
+        os.mkdir(self.path)
+        os.mkdir(os.path.join(self.path, "occupied"))
+        failure = self.failureResultOf(
+            server.apply(parse_tunnels([entry(9001)])), TunnelError
         )
-        c2, s2, p2 = dial(server, clock)
-        hello(c2, p2)
-        s2.connectionLost(Failure(ConnectionLostForTest("reset")))
-        state = server.registry.snapshot()["TestClient1"]
-        self.assertEqual(state["CurrentState"], STATE_ERROR)
-        self.assertIn("reset", state["LastError"])
+        self.assertEqual(failure.value.status, 503)
+        self.assertIn("cannot be saved", failure.value.message)
+        self.assertEqual(server.routes.tunnels(), old)
+        self.assertEqual(listen.open, {9000})
+        self.assertEqual(read_state(self.path + ".keep"), old)
 
 
-class ConnectionLostForTest(Exception):
-    pass
+class FakeSession:
+    streams: dict = {}
+    rtt = None
+
+    def go_away(self, code: int = 0) -> None:
+        pass
 
 
-class StateFileTests(SynchronousTestCase):
-    def test_round_trip(self):
-        """A written tunnel set reads back equal."""
-        path = os.path.join(self.mktemp() + "-state.json")
-        tunnels = parse_tunnels(
-            [
-                {"ClientId": "a", "ListenPort": 9000, "BackEndService": "s"},
-                {
-                    "ClientId": "b",
-                    "ListenAddress": "::1",
-                    "ListenPort": 9001,
-                    "ListenHostnameGlob": "*.example.com",
-                    "BackEndService": "t",
-                    "HaProxyProxyProtocol": True,
-                    "HaProxyProxyProtocolVersion": 2,
-                },
-            ]
+class RestoreTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "state.json")
+        self.clock = Clock()
+
+    def test_partial_restore(self):
+        """A saved tunnel whose port is taken is left out; the others serve;
+        the file stays as it was until a PUT changes the set."""
+        saved = parse_tunnels([entry(9000), entry(9001), entry(9002, "B")])
+        write_state(self.path, saved)
+        before = os.stat(self.path).st_mtime_ns
+        listen = Listen()
+        listen.busy = {9001}
+        server = make_server(
+            self.clock, state_file=self.path, restore=saved, listen=listen
         )
-        write_state(path, tunnels)
-        self.assertEqual(read_state(path), tunnels)
-        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
-
-    def test_corrupt_state_file(self):
-        """A state file that is not a tunnel list is a clear error."""
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write("{not json")
-        with self.assertRaisesRegex(StateFileError, "not valid JSON"):
-            read_state(path)
-        with open(path, "w") as f:
-            json.dump([{"ClientId": "a"}], f)
-        with self.assertRaisesRegex(StateFileError, "ListenPort"):
-            read_state(path)
+        server.startService()
+        self.assertEqual(server.routes.tunnels(), [saved[0], saved[2]])
+        self.assertEqual([f.index for f in server.routes.not_restored()], [1])
+        self.assertEqual(listen.open, {9000, 9002})
+        self.assertEqual(read_state(self.path), saved)
+        self.assertEqual(os.stat(self.path).st_mtime_ns, before)
+        # The operator's next set replaces all of it.
+        server.registry.connected("TestClient1", FakeSession(), "p")
+        listen.busy = set()
+        new = parse_tunnels([entry(9001)])
+        self.successResultOf(server.apply(new))
+        self.assertEqual(read_state(self.path), new)
+        self.assertEqual(server.routes.not_restored(), [])
 
 
-class LimitAndStopTests(SynchronousTestCase):
-    def test_pending_handshakes_limited(self):
-        """Past MaxPendingHandshakes, new control connections are refused."""
-        clock = Clock()
-        server = make_server(clock, max_pending_handshakes=2)
-        factory = server.control_factory()
-        self.assertIsNotNone(factory.buildProtocol(None))
-        self.assertIsNotNone(factory.buildProtocol(None))
-        self.assertIsNone(factory.buildProtocol(None))
-        self.assertEqual(server.limits_hit["pending_handshakes"], 1)
-
-    def test_accepted_clients_do_not_count_as_pending(self):
-        """Clients past the hello free their pending slot."""
-        clock = Clock()
-        server = make_server(clock, max_pending_handshakes=1)
-        client, session, pump = dial(server, clock)
-        hello(client, pump)
-        self.assertIsNotNone(server.control_factory().buildProtocol(None))
-
+class StopTests(SynchronousTestCase):
     def test_graceful_stop_lets_streams_finish(self):
         """On stop, running streams may finish; then the sessions close."""
         clock = Clock()

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from threshold.server.tunnels import Tunnel, TunnelError, parse_tunnels
+from threshold.server.tunnels import TUNNEL, Tunnel, TunnelError, parse_tunnels
+from threshold.wire.handshake import (
+    HandshakeError,
+    encode_hello,
+    encode_stream_header,
+)
 
 
 def entry(**fields: Any) -> dict[str, Any]:
@@ -222,6 +229,58 @@ class ParseTunnelsTests(SynchronousTestCase):
             self.assertRefused([entry(BackEndService=value)], 400, 0, "BackEndService")
         [t] = parse_tunnels([entry(BackEndService="s" * 128)])
         self.assertEqual(t.backend_service, "s" * 128)
+
+    def test_backend_service_control_characters(self):
+        """A control, format or line-separator character is 400 (issue 11, item 5).
+
+        The stream header would refuse such a name after the stream is open.
+        """
+        for value in ("web\u0007x", "web\n", "\tweb", "w\u2028b", "w\u200bb", "\x7f"):
+            error = self.assertRefused(
+                [entry(), entry(ListenPort=9001, BackEndService=value)],
+                400,
+                1,
+                "BackEndService",
+            )
+            self.assertIn("printable", error.message)
+        [t] = parse_tunnels([entry(BackEndService="web service \u00e9")])
+        self.assertEqual(t.backend_service, "web service \u00e9")
+
+    def test_client_id_rule(self):
+        """ClientId follows the hello's rule: no "@", spaces or other characters."""
+        for value in ("a@b", "a b", "x" * 129, "caf\u00e9", "a\n"):
+            error = self.assertRefused([entry(ClientId=value)], 400, 0, "ClientId")
+            self.assertIn('"@" is not allowed', error.message)
+
+    @given(st.text(max_size=140))
+    def test_service_rule_is_the_stream_header_rule(self, name):
+        """A service name is accepted here exactly when a stream header takes it."""
+        try:
+            encode_stream_header(name)
+        except HandshakeError:
+            with self.assertRaises(TunnelError):
+                parse_tunnels([entry(BackEndService=name)])
+        else:
+            [t] = parse_tunnels([entry(BackEndService=name)])
+            self.assertEqual(t.backend_service, name)
+
+    @given(st.text(max_size=140))
+    def test_client_id_rule_is_the_hello_rule(self, name):
+        """A ClientId is accepted here exactly when a hello takes it."""
+        try:
+            encode_hello(name)
+        except HandshakeError:
+            with self.assertRaises(TunnelError):
+                parse_tunnels([entry(ClientId=name)])
+        else:
+            self.assertEqual(parse_tunnels([entry(ClientId=name)])[0].client_id, name)
+
+    def test_to_json_is_the_table(self):
+        """to_json writes every field of the table, in its order."""
+        [t] = parse_tunnels([entry()])
+        self.assertEqual(
+            list(t.to_json()), [f.json for f in TUNNEL.fields if f.json is not None]
+        )
 
     def test_proxy_protocol_invalid(self):
         """HaProxyProxyProtocol must be a boolean."""

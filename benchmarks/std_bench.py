@@ -401,6 +401,7 @@ def run(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     }
     figures.update(info=info, runs={}, errors=[])
     workdir = Path(tempfile.mkdtemp(prefix="threshold-std-bench-"))
+    info["workdir"] = str(workdir)
     say(f"working directory {workdir}; load average {info['load_start']}")
     children = Children(workdir)
     try:
@@ -409,6 +410,7 @@ def run(args: argparse.Namespace, figures: dict[str, Any]) -> None:
         iperf = Iperf3Server(tools["iperf3"], children)
         iperf.start()
         backends = {"http": nginx.port, "iperf": iperf.port}
+        info["backends"] = backends
         pki = None
         if any(p.startswith("threshold") for p in paths):
             pki = make_pki(workdir / "pki")

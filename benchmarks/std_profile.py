@@ -23,6 +23,8 @@ import std_tools
 from std_services import PAGE
 from tunnel_bench import BenchError, say
 
+#: Samples of a busy thread with no Python code on its stack.
+NO_FRAME = "(no Python frame)"
 _FRAME = re.compile(r"^(?P<name>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
@@ -52,14 +54,12 @@ def summarise(raw: str, top: int = 15) -> dict[str, Any]:
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
+        if not count.isdigit():
             continue
         n = int(count)
-        frames = [short_frame(f) for f in stack.split(";") if f]
+        frames = [short_frame(f) for f in stack.split(";") if f.strip()]
         # Thread and process labels that py-spy may put first are not code.
-        frames = [f for f in frames if "(" in f]
-        if not frames:
-            continue
+        frames = [f for f in frames if "(" in f] or [NO_FRAME]
         total += n
         own[frames[-1]] += n
         for f in set(frames):

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from threshold.config.server import DEBUG_LOG, SERVER
-from threshold.mux.settings import SESSION
 from threshold.schema import (
     BOOLEAN,
     CLIENT_ID,
@@ -91,12 +90,11 @@ class ClientConfig:
         ' `"127.0.0.1:8080"`, `"localhost:8080"` or `"[::1]:8080"` (IPv6 in'
         " brackets).",
     )
-    keepalive_interval_seconds: float = like(
-        SESSION["keepalive_interval"], kind=Seconds()
-    )
-    keepalive_timeout_seconds: float = like(SESSION["keepalive_timeout"])
-    max_streams_per_session: int = like(SESSION["max_streams"])
-    max_receive_window_bytes: int = like(SESSION["max_window"])
+    # The session settings, as the server's file has them.
+    keepalive_interval_seconds: float = like(SERVER["keepalive_interval_seconds"])
+    keepalive_timeout_seconds: float = like(SERVER["keepalive_timeout_seconds"])
+    max_streams_per_session: int = like(SERVER["max_streams_per_session"])
+    max_receive_window_bytes: int = like(SERVER["max_receive_window_bytes"])
     reconnect_initial_delay_seconds: float = field(
         "ReconnectInitialDelaySeconds",
         Seconds(),

@@ -129,6 +129,7 @@ class ServerConfig:
         10.0,
         doc="Time a new control connection has to complete TLS and send its hello.",
     )
+    # A session may run without keepalive (0, in tests); a gateway's may not.
     keepalive_interval_seconds: float = like(
         SESSION["keepalive_interval"], kind=Seconds()
     )

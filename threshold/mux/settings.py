@@ -49,7 +49,7 @@ class SessionConfig:
         "KeepaliveIntervalSeconds",
         Seconds(zero_ok=True),
         30.0,
-        doc="Interval between keepalive Pings on a session (0: none).",
+        doc="Interval between keepalive Pings on a session.",
     )
     keepalive_timeout: float = field(
         "KeepaliveTimeoutSeconds",

@@ -134,7 +134,7 @@ class Seconds(Kind):
         self.zero_ok = zero_ok
         if zero_ok:
             self.expected = f"a number of seconds from 0 (off) to {MAX_SECONDS}"
-            self.doc = "seconds ≥ 0"
+            self.doc = "seconds, 0: off"
         else:
             self.expected = (
                 f"a number of seconds greater than 0 and at most {MAX_SECONDS}"

@@ -1,0 +1,78 @@
+"""The field tables of the docs are the ones the schemas generate."""
+
+from __future__ import annotations
+
+import io
+import os
+from contextlib import redirect_stdout
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from threshold import doctables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(doc: str) -> str:
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+        return f.read()
+
+
+class DocTablesTests(SynchronousTestCase):
+    def test_tables_current(self):
+        """Every marked table equals what its schema generates.
+
+        On failure: ``python -m threshold.doctables --write`` and review the diff.
+        """
+        self.assertEqual(doctables.stale(ROOT), [])
+        for doc in doctables.DOCS:
+            text = read(doc)
+            self.assertEqual(doctables.render(text), text, doc)
+
+    def test_every_table_placed_once(self):
+        """Each schema's table appears in exactly one document, exactly once."""
+        placed = [
+            name for doc in doctables.DOCS for name in doctables.tables_in(read(doc))
+        ]
+        self.assertEqual(sorted(placed), sorted(doctables.TABLES))
+
+    def test_every_field_documented(self):
+        """Every JSON name a schema accepts (aliases too) has a row in its table."""
+        for name, schema in doctables.TABLES.items():
+            table = schema.markdown()
+            for json_name in schema.names:
+                self.assertIn(f"| `{json_name}` |", table, name)
+            for f in schema.fields:
+                self.assertTrue(f.doc, f"{name}: {f.name} has no doc")
+
+    def test_check_catches_an_edit(self):
+        """A changed default in a document is found (the check can fail)."""
+        text = read("docs/configuration.md")
+        edited = text.replace("| `9056` |", "| `9000` |", 1)
+        self.assertNotEqual(edited, text)
+        self.assertNotEqual(doctables.render(edited), edited)
+        self.assertEqual(doctables.render(edited), text)
+
+    def test_main_check(self):
+        """``--check`` exits 0 on the checkout and 1 on a stale copy."""
+        self.assertEqual(doctables.main(["--check", "--root", ROOT]), 0)
+        copy = self.mktemp()
+        os.makedirs(os.path.join(copy, "docs"))
+        for doc in doctables.DOCS:
+            text = read(doc)
+            if doc.endswith("api.md"):
+                text = text.replace(
+                    "| `ListenPort` | integer 1–65535 |", "| `ListenPort` | port |"
+                )
+            with open(os.path.join(copy, doc), "w", encoding="utf-8") as f:
+                f.write(text)
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.assertEqual(doctables.main(["--check", "--root", copy]), 1)
+            self.assertEqual(doctables.main(["--write", "--root", copy]), 0)
+            self.assertEqual(doctables.main(["--check", "--root", copy]), 0)
+        self.assertEqual(
+            out.getvalue(),
+            "docs/api.md: a field table differs from the schema; run --write\n"
+            "docs/api.md: tables rewritten\n",
+        )

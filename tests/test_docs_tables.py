@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from contextlib import redirect_stdout
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from threshold import doctables
+from threshold.schema import REQUIRED, Choice, Integer
+from threshold.server.tunnels import TUNNEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,3 +79,32 @@ class DocTablesTests(SynchronousTestCase):
             "docs/api.md: a field table differs from the schema; run --write\n"
             "docs/api.md: tables rewritten\n",
         )
+
+
+class OpenApiTests(SynchronousTestCase):
+    """docs/openapi.json describes the tunnel entry as its table does."""
+
+    def test_tunnel_input(self):
+        """Same fields, defaults, required fields and integer bounds."""
+        spec = json.loads(read("docs/openapi.json"))
+        schema = spec["components"]["schemas"]["TunnelInput"]
+        properties = schema["properties"]
+        self.assertEqual(set(properties), set(TUNNEL.names))
+        required = set(schema["required"]) | {
+            name for choice in schema.get("anyOf", []) for name in choice["required"]
+        }
+        for f in TUNNEL.fields:
+            prop = properties[f.json]
+            if f.default is REQUIRED:
+                self.assertIn(f.json, required)
+                self.assertNotIn("default", prop, f.json)
+            else:
+                self.assertEqual(prop["default"], f.kind.to_json(f.default), f.json)
+            if isinstance(f.kind, Choice):
+                self.assertEqual(prop["enum"], list(f.kind.values), f.json)
+            elif isinstance(f.kind, Integer):
+                self.assertEqual(
+                    (prop["minimum"], prop.get("maximum")),
+                    (f.kind.low, f.kind.high),
+                    f.json,
+                )

@@ -23,11 +23,12 @@ from twisted.web.server import Site
 
 from threshold.config import ConfigError, parse_service_map
 from threshold.logs import observer as log_observer
+from threshold.wire import strictjson
 
 if TYPE_CHECKING:
     from twisted.web.iweb import IRequest
 
-    from threshold.client.service import TunnelClient
+    from threshold.client.settings import ClientSettings
 
 log = Logger(observer=log_observer)
 
@@ -44,12 +45,12 @@ class AdminError(Exception):
 
 
 class ClientAdminAPI:
-    """``/liveconfig`` over a :class:`~threshold.client.TunnelClient`."""
+    """``/liveconfig`` over the client's :class:`ClientSettings`."""
 
     app = Klein()
 
-    def __init__(self, tunnel: TunnelClient) -> None:
-        self.tunnel = tunnel
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
 
     @staticmethod
     def _json(request: IRequest, status: int, body: object) -> bytes:
@@ -61,7 +62,7 @@ class ClientAdminAPI:
         return {
             "ServiceToLocalAddrMap": {
                 name: _join(host, port)
-                for name, (host, port) in sorted(self.tunnel.services.items())
+                for name, (host, port) in sorted(self.settings.services.items())
             }
         }
 
@@ -80,8 +81,11 @@ class ClientAdminAPI:
         if len(body) > MAX_BODY:
             raise AdminError(413, f"the body is larger than {MAX_BODY} bytes")
         try:
-            document = json.loads(body)
-        except ValueError as e:
+            # Strict, like every other input: no key twice, no NaN.
+            document = strictjson.loads(body)
+        except strictjson.NotUtf8 as e:
+            raise AdminError(422, f"the body is not UTF-8: {e}") from None
+        except ValueError as e:  # JsonError, or an integer too long to parse
             raise AdminError(422, f"the body is not JSON: {e}") from None
         if not isinstance(document, dict):
             raise AdminError(422, "the body must be a JSON object")
@@ -96,7 +100,7 @@ class ClientAdminAPI:
             )
         except ConfigError as e:
             raise AdminError(400, str(e)) from None
-        self.tunnel.services = services
+        self.settings.services = services
         log.info(
             "live config: service map replaced ({count} services)",
             count=len(services),
@@ -113,6 +117,6 @@ def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def admin_site(tunnel: TunnelClient) -> Site:
+def admin_site(settings: ClientSettings) -> Site:
     """The admin API as a Site, for a Unix-socket endpoint."""
-    return Site(ClientAdminAPI(tunnel).app.resource())
+    return Site(ClientAdminAPI(settings).app.resource())

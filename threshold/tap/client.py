@@ -15,11 +15,9 @@ from twisted.python import usage
 
 from threshold import logs
 from threshold.client.admin import admin_site
-from threshold.client.service import (
-    TunnelClient,
-    local_tcp_endpoint,
-    reconnecting_service,
-)
+from threshold.client.endpoints import local_tcp_endpoint
+from threshold.client.service import reconnecting_service
+from threshold.client.settings import ClientSettings
 from threshold.config import ClientConfig, ConfigError, load_client_config
 from threshold.logs import observer as log_observer
 from threshold.tap.common import fail, listener, session_config
@@ -69,18 +67,18 @@ def build_client(config: ClientConfig, reactor: Any) -> MultiService:
             source=config.source,
         )
         endpoint = wrapClientTLS(creator, endpoint)
-    tunnel = TunnelClient(
-        config.client_id,
-        config.service_to_local_addr_map,
-        server,
-        reactor,
-        local_tcp_endpoint(reactor, config.connect_timeout_seconds),
-        session_config(config),
+    settings = ClientSettings(
+        client_id=config.client_id,
+        services=dict(config.service_to_local_addr_map),
+        server=server,
+        clock=reactor,
+        local_endpoint=local_tcp_endpoint(reactor, config.connect_timeout_seconds),
+        session_config=session_config(config),
         hello_timeout=config.connect_timeout_seconds,
     )
     top = MultiService()
     service = reconnecting_service(
-        tunnel,
+        settings,
         endpoint,
         reactor,
         initial_delay=config.reconnect_initial_delay_seconds,
@@ -90,7 +88,7 @@ def build_client(config: ClientConfig, reactor: Any) -> MultiService:
     if config.admin_socket is not None:
         listener(
             UNIXServerEndpoint(reactor, config.admin_socket, mode=0o600, wantPID=True),
-            admin_site(tunnel),
+            admin_site(settings),
         ).setServiceParent(top)
     if not config.use_tls:
         log.warn(

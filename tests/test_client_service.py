@@ -1,0 +1,116 @@
+"""The client's reconnecting service in memory: backoff on refusals, Go Away on stop."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.clientkit import HELLO_TIMEOUT, HelloAnswer, make_settings
+from threshold.client.service import reconnecting_service
+from threshold.client.session import SessionState
+from threshold.mux.interfaces import StreamAcceptor
+from threshold.mux.session import GoAwayReceived, MuxSession, SessionConfig
+from threshold.wire.handshake import encode_hello_reply
+
+
+class GatewayEndpoint:
+    """Each connect joins the client, in memory, to a new fake gateway."""
+
+    def __init__(self, clock: Clock, reply: bytes) -> None:
+        self.clock = clock
+        self.reply = reply
+        self.seen: list = []
+        self.attempts: list[float] = []
+        self.pumps: list[iosim.IOPump] = []
+        self.gateways: list[MuxSession] = []
+
+    def connect(self, factory):
+        self.attempts.append(self.clock.seconds())
+        client = factory.buildProtocol(None)
+        server = MuxSession(
+            client=False,
+            clock=self.clock,
+            handler=StreamAcceptor(lambda s: HelloAnswer(self.reply, self.seen)),
+            config=SessionConfig(keepalive_interval=0),
+        )
+        self.gateways.append(server)
+        self.pumps.append(
+            iosim.connect(
+                server,
+                iosim.makeFakeServer(server),
+                client,
+                iosim.makeFakeClient(client),
+                greet=False,
+                clock=self.clock,
+            )
+        )
+        return succeed(client)
+
+    def run(self, seconds: float, step: float = 0.25) -> None:
+        """Let ``seconds`` pass, moving bytes between every pair meanwhile."""
+        for _ in range(round(seconds / step)):
+            for pump in self.pumps:
+                pump.flush()
+            self.clock.advance(step)
+        for pump in self.pumps:
+            pump.flush()
+
+
+def start(reply: bytes) -> tuple:
+    clock = Clock()
+    settings = make_settings(clock=clock)
+    endpoint = GatewayEndpoint(clock, reply)
+    service = reconnecting_service(
+        settings, endpoint, clock, initial_delay=1.0, max_delay=60.0, jitter=lambda: 0
+    )
+    service.startService()
+    return settings, endpoint, service
+
+
+class ReconnectTests(SynchronousTestCase):
+    def test_refusals_back_off(self):
+        """Each refused hello in a row doubles the wait before the next try."""
+        settings, endpoint, service = start(encode_hello_reply(False, "no"))
+        endpoint.run(16)
+        times = endpoint.attempts
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        # 2, 4, 8 s: without counting refusals every gap would be 2 s, since
+        # each connection itself succeeded.
+        self.assertEqual([round(g) for g in gaps], [2, 4, 8])
+        self.assertEqual(settings.stats.consecutive_refusals, 4)
+        self.successResultOf(service.stopService())
+
+    def test_silent_gateway_backs_off_too(self):
+        """A gateway that never answers the hello counts as a refusal."""
+        settings, endpoint, service = start(b"")
+        endpoint.run(HELLO_TIMEOUT + 3)
+        # Given up at 10 s, tried again 2 s later.
+        self.assertEqual(endpoint.attempts, [0, HELLO_TIMEOUT + 2])
+        self.assertEqual(settings.stats.consecutive_refusals, 1)
+        endpoint.run(HELLO_TIMEOUT)
+        self.assertEqual(settings.stats.consecutive_refusals, 2)
+        self.successResultOf(service.stopService())
+
+    def test_accepted_session_held(self):
+        """An accepted session is held: no further attempts."""
+        settings, endpoint, service = start(encode_hello_reply(True))
+        endpoint.run(30)
+        self.assertEqual(len(endpoint.attempts), 1)
+        session = self.successResultOf(service.whenConnected())
+        self.assertIs(session.handler.state, SessionState.ACCEPTED)
+        stopped = service.stopService()
+        endpoint.run(1)
+        self.successResultOf(stopped)
+
+    def test_stop_says_go_away(self):
+        """Stopping the service ends the session with Go Away."""
+        settings, endpoint, service = start(encode_hello_reply(True))
+        endpoint.run(1)
+        closed = endpoint.gateways[0].when_closed()
+        stopped = service.stopService()
+        endpoint.run(1)
+        self.assertIsInstance(self.successResultOf(closed), GoAwayReceived)
+        self.successResultOf(stopped)
+        self.assertEqual(len(endpoint.attempts), 1)

@@ -10,19 +10,12 @@ import tempfile
 
 from treq.testing import StubTreq
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from tests.clientkit import make_settings
 from tests.support import Backend, Deployment, connect_user, free_port, tunnel
 from threshold.client.admin import ClientAdminAPI
-from threshold.client.service import TunnelClient
-
-
-def make_tunnel() -> TunnelClient:
-    return TunnelClient(
-        "c1", {"web": ("127.0.0.1", 80)}, "server:9056", Clock(), lambda h, p: None
-    )
 
 
 def curl_unix(sock: str, path: str, put_json: str | None = None):
@@ -45,8 +38,8 @@ def curl_unix(sock: str, path: str, put_json: str | None = None):
 
 class AdminAPITests(SynchronousTestCase):
     def setUp(self):
-        self.tunnel = make_tunnel()
-        self.treq = StubTreq(ClientAdminAPI(self.tunnel).app.resource())
+        self.settings = make_settings(services={"web": ("127.0.0.1", 80)})
+        self.treq = StubTreq(ClientAdminAPI(self.settings).app.resource())
 
     def put(self, body: bytes, content_type: str = "application/json"):
         response = self.successResultOf(
@@ -77,7 +70,7 @@ class AdminAPITests(SynchronousTestCase):
             {"ServiceToLocalAddrMap": {"db": "localhost:5432", "ssh": "[::1]:22"}},
         )
         self.assertEqual(
-            self.tunnel.services, {"ssh": ("::1", 22), "db": ("localhost", 5432)}
+            self.settings.services, {"ssh": ("::1", 22), "db": ("localhost", 5432)}
         )
 
     def test_bad_requests_change_nothing(self):
@@ -96,7 +89,29 @@ class AdminAPITests(SynchronousTestCase):
             self.assertIn(fragment, answer["error"])
         code, answer = self.put(b"{}", "text/plain")
         self.assertEqual(code, 415)
-        self.assertEqual(self.tunnel.services, {"web": ("127.0.0.1", 80)})
+        self.assertEqual(self.settings.services, {"web": ("127.0.0.1", 80)})
+
+    def test_strict_json(self):
+        """A key given twice, NaN, or bytes that are not UTF-8 are refused (422)."""
+        cases = [
+            (
+                b'{"ServiceToLocalAddrMap": {"ssh": "[::1]:22"},'
+                b' "ServiceToLocalAddrMap": {}}',
+                "not JSON: the key 'ServiceToLocalAddrMap' is given twice",
+            ),
+            (
+                b'{"ServiceToLocalAddrMap": {"a": "127.0.0.1:1", "a": "127.0.0.1:2"}}',
+                "not JSON: the key 'a' is given twice",
+            ),
+            (b'{"ServiceToLocalAddrMap": {"a": NaN}}', "not JSON: NaN"),
+            (b'{"ServiceToLocalAddrMap": {"a": "\xff"}}', "not UTF-8"),
+            (b'{"ServiceToLocalAddrMap": {"a": ' + b"9" * 5000 + b"}}", "not JSON"),
+        ]
+        for body, fragment in cases:
+            code, answer = self.put(body)
+            self.assertEqual(code, 422, body[:60])
+            self.assertIn(fragment, answer["error"], body[:60])
+        self.assertEqual(self.settings.services, {"web": ("127.0.0.1", 80)})
 
 
 class LiveConfigTests(TestCase):

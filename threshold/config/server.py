@@ -165,6 +165,38 @@ class ServerConfig:
         doc="Control connections that have not yet completed the hello; more are"
         " closed at once. Bounds what unauthenticated peers can hold.",
     )
+    max_pending_handshakes_per_source_ip: int = field(
+        "MaxPendingHandshakesPerSourceIp",
+        Integer(0),
+        8,
+        doc="Of those, how many one source address may hold (an IPv6 /64 is one"
+        " source); more are closed at once. When all are taken, a newcomer takes"
+        " the oldest slot of the source holding the most, so silent connections"
+        " cannot lock clients out. `0`: no per-source limit.",
+    )
+    max_pending_management_connections: int = field(
+        "MaxPendingManagementConnections",
+        Integer(1),
+        64,
+        doc="Management API connections that have not yet sent a complete request"
+        " head (with TLS: not yet authenticated); more are closed at once, or take"
+        " the oldest slot of the source holding the most.",
+    )
+    max_pending_management_connections_per_source_ip: int = field(
+        "MaxPendingManagementConnectionsPerSourceIp",
+        Integer(0),
+        8,
+        doc="Of those, how many one source address may hold; more are closed at"
+        " once. Not applied on `ManagementSocket`. `0`: no per-source limit.",
+    )
+    management_request_timeout_seconds: float = field(
+        "ManagementRequestTimeoutSeconds",
+        Seconds(),
+        10.0,
+        doc="Time a new management connection has to complete TLS and send its"
+        " first request head; then it is closed. Later requests on a kept-open"
+        " connection have the 60 s idle timeout.",
+    )
     max_connections_per_tunnel: int = field(
         "MaxConnectionsPerTunnel",
         Integer(0),

@@ -87,22 +87,6 @@ def _errors(source: str) -> Iterator[None]:
         raise ConfigError.from_schema(source, e) from None
 
 
-def _collect(
-    schema: Schema, other: Schema, role: str, obj: object, base_dir: str | None
-) -> tuple[dict[str, Any], set[str]]:
-    """Check every field of a decoded file; a field of the other role says so."""
-    if not isinstance(obj, dict):
-        raise SchemaError("the top level must be a JSON object")
-    try:
-        return schema.collect(obj, base_dir)
-    except UnknownField as e:
-        if e.key in other.names:
-            raise UnknownField(
-                e.key, f" (a {role} config field: is this the {role}'s config?)"
-            ) from None
-        raise
-
-
 def _check_tls_files(
     schema: Schema, values: dict[str, Any], attrs: tuple[str, ...]
 ) -> None:
@@ -120,6 +104,33 @@ def _check_tls_files(
             raise SchemaError(f"cannot read file {path}: {_oserror(e)}", name) from None
 
 
+def _parse(role: str, obj: object, source: str, base_dir: str | None) -> Any:
+    """Check every field of a decoded file, then the rules between fields."""
+    schema, check, tls_files = _ROLES[role]
+    other = "client" if role == "server" else "server"
+    with _errors(source):
+        if not isinstance(obj, dict):
+            raise SchemaError("the top level must be a JSON object")
+        try:
+            values, present = schema.collect(obj, base_dir)
+        except UnknownField as e:
+            if e.key not in _ROLES[other][0].names:
+                raise
+            raise UnknownField(
+                e.key, f" (a {other} config field: is this the {other}'s config?)"
+            ) from None
+        check(values, present, obj)
+        _check_tls_files(schema, values, tls_files)
+        return schema.build(obj, dict(values, source=source))
+
+
+# Per role: the table, the rules between its fields, the files TLS needs.
+_ROLES = {
+    "server": (SERVER, server.check_server, server.TLS_FILES),
+    "client": (CLIENT, client.check_client, client.TLS_FILES),
+}
+
+
 def parse_server_config(
     obj: object, source: str, base_dir: str | None = None
 ) -> ServerConfig:
@@ -127,11 +138,8 @@ def parse_server_config(
 
     ``base_dir`` defaults to the current directory.
     """
-    with _errors(source):
-        values, present = _collect(SERVER, CLIENT, "client", obj, base_dir)
-        server.check_server(values, present)
-        _check_tls_files(SERVER, values, server.TLS_FILES)
-        return SERVER.build(obj, dict(values, source=source))  # type: ignore[arg-type]
+    config: ServerConfig = _parse("server", obj, source, base_dir)
+    return config
 
 
 def parse_client_config(
@@ -141,11 +149,8 @@ def parse_client_config(
 
     ``base_dir`` defaults to the current directory.
     """
-    with _errors(source):
-        values, _ = _collect(CLIENT, SERVER, "server", obj, base_dir)
-        client.check_client(values, obj)  # type: ignore[arg-type]
-        _check_tls_files(CLIENT, values, client.TLS_FILES)
-        return CLIENT.build(obj, dict(values, source=source))  # type: ignore[arg-type]
+    config: ClientConfig = _parse("client", obj, source, base_dir)
+    return config
 
 
 def parse_service_map(raw: object, source: str) -> dict[str, tuple[str, int]]:

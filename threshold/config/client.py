@@ -148,7 +148,9 @@ TLS_FILES = (
 )
 
 
-def check_client(values: dict[str, Any], obj: Mapping[str, Any]) -> None:
+def check_client(
+    values: dict[str, Any], present: set[str], obj: Mapping[str, Any]
+) -> None:
     """The rules between fields: reconnect delays in order."""
     initial = values["reconnect_initial_delay_seconds"]
     longest = values["reconnect_max_delay_seconds"]

@@ -8,6 +8,7 @@ come from :data:`threshold.mux.settings.SESSION`.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,7 +264,9 @@ def _addresses_overlap(a: str, b: str) -> bool:
     return False
 
 
-def check_server(values: dict[str, Any], present: set[str]) -> None:
+def check_server(
+    values: dict[str, Any], present: set[str], obj: Mapping[str, Any]
+) -> None:
     """The rules between fields: the API's default address, distinct ports."""
     if not values["use_tls"] and "management_listen_address" not in present:
         values["management_listen_address"] = "127.0.0.1"

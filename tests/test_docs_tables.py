@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from contextlib import redirect_stdout
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from threshold import doctables
+from threshold.config import CLIENT, SERVER
 from threshold.schema import REQUIRED, Choice, Integer
 from threshold.server.tunnels import TUNNEL
 
@@ -108,3 +110,35 @@ class OpenApiTests(SynchronousTestCase):
                     (f.kind.low, f.kind.high),
                     f.json,
                 )
+
+
+_UNITS = {"": 1, "s": 1, "KiB": 1024, "MiB": 1024 * 1024}
+
+
+def _number(text: str) -> float:
+    """``16384``, ``1 MiB``, ``0 (off)``, ``10 s`` as a number."""
+    match = re.match(r"\s*([0-9.]+)\s*(KiB|MiB|s)?\b", text)
+    assert match is not None, text
+    return float(match.group(1)) * _UNITS[match.group(2) or ""]
+
+
+class SecurityLimitsTests(SynchronousTestCase):
+    """docs/security.md's table of limits states the schemas' defaults."""
+
+    def test_named_defaults(self):
+        """Each row naming config fields gives their defaults, in order."""
+        fields = {f.json: f for schema in (SERVER, CLIENT) for f in schema.fields}
+        checked = 0
+        for line in read("docs/security.md").splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) < 2:
+                continue
+            names = re.findall(r"`([A-Z][A-Za-z]+)`", cells[0])
+            if not names or not all(name in fields for name in names):
+                continue
+            defaults = cells[1].split(" / ")
+            self.assertEqual(len(defaults), len(names), line)
+            for name, text in zip(names, defaults, strict=True):
+                self.assertEqual(_number(text), fields[name].default, line)
+                checked += 1
+        self.assertGreater(checked, 10)

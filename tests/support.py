@@ -11,7 +11,11 @@ from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    connectProtocol,
+)
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -115,16 +119,8 @@ class Backend:
 def connect_user(port: int, host: str = "127.0.0.1"):
     """Connect as an internet user; return the Recorder."""
     user = Recorder()
-    yield TCP4ClientEndpoint(reactor, host, port).connect(_Once(user))
+    yield connectProtocol(TCP4ClientEndpoint(reactor, host, port), user)
     return user
-
-
-class _Once(Factory):
-    def __init__(self, protocol: Protocol) -> None:
-        self._p = protocol
-
-    def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802
-        return self._p
 
 
 class Deployment:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import site
 import subprocess
 import sys
+from functools import partial
 
 from twisted.trial.unittest import TestCase
 
@@ -89,3 +92,84 @@ class ConfigErrorTests(TestCase):
             )
         result = twistd("threshold-server", "-c", path, cwd=self.dir)
         self.assert_one_line(result, "server.json")
+
+
+class PackageListTests(TestCase):
+    def test_every_package_listed(self):
+        """setup.cfg lists every package of the checkout (a wheel has only those)."""
+        import configparser
+
+        config = configparser.ConfigParser()
+        config.read(os.path.join(ROOT, "setup.cfg"))
+        listed = set(config["options"]["packages"].split())
+        found = {"twisted.plugins"}
+        for folder, _, files in os.walk(os.path.join(ROOT, "threshold")):
+            if "__init__.py" in files:
+                found.add(os.path.relpath(folder, ROOT).replace(os.sep, "."))
+        self.assertEqual(listed, found)
+
+
+def _can_build_editable_offline() -> bool:
+    """Whether this interpreter's setuptools builds editable wheels by itself."""
+    import importlib.util
+
+    import setuptools
+
+    version = tuple(int(p) for p in setuptools.__version__.split(".")[:2])
+    return version >= (70, 1) or importlib.util.find_spec("wheel") is not None
+
+
+class EditableInstallTests(TestCase):
+    """``pip install -e .`` (a PEP 660 editable install) gives twistd the plugins."""
+
+    def test_twistd_lists_plugins_after_editable_install(self):
+        """After ``pip install -e .`` in a fresh venv, twistd lists both roles.
+
+        A copy of the checkout is installed (``--no-deps``, without build
+        isolation, so no network) into a new venv that sees this
+        interpreter's packages through a ``.pth`` line; twistd then runs
+        from an unrelated folder, with no PYTHONPATH.
+        """
+        if not _can_build_editable_offline():
+            self.skipTest("needs setuptools >= 70.1 or wheel (the test extras)")
+        work = os.path.abspath(self.mktemp())
+        source = os.path.join(work, "checkout")
+        ignore = shutil.ignore_patterns("__pycache__", "dropin.cache")
+        shutil.copytree(os.path.join(ROOT, "threshold"), f"{source}/threshold",
+                        ignore=ignore)  # fmt: skip
+        os.makedirs(f"{source}/twisted/plugins")
+        shutil.copy(
+            os.path.join(ROOT, "twisted", "plugins", "threshold_plugins.py"),
+            f"{source}/twisted/plugins/",
+        )
+        for name in ("setup.cfg", "pyproject.toml", "README.md"):
+            shutil.copy(os.path.join(ROOT, name), source)
+
+        venv = os.path.join(work, "venv")
+        run = partial(subprocess.run, capture_output=True, text=True, timeout=120)
+        result = run([sys.executable, "-m", "venv", "--without-pip", venv])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        python = os.path.join(venv, "bin", "python")
+        site_packages = run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
+        ).stdout.strip()
+        with open(os.path.join(site_packages, "deps.pth"), "w") as f:
+            f.write("\n".join(site.getsitepackages()) + "\n")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        result = run(
+            [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+             "--no-build-isolation", "-e", source],
+            env=env,
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+        elsewhere = os.path.join(work, "elsewhere")
+        os.makedirs(elsewhere)
+        result = run(
+            [python, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
+            cwd=elsewhere,
+            env=env,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("threshold-server", result.stdout)
+        self.assertIn("threshold-client", result.stdout)

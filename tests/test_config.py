@@ -731,6 +731,54 @@ class HostPortTests(SynchronousTestCase):
             self.assertIn(why, str(cm.exception))
 
 
+class ConfigErrorTests(TempDirMixin, SynchronousTestCase):
+    """ConfigError carries the file and the field as data, not only in text."""
+
+    def error(self, call) -> ConfigError:
+        with self.assertRaises(ConfigError) as cm:
+            call()
+        return cm.exception
+
+    def test_field_error(self):
+        """A field error: source, field and message, and the one-line form."""
+        e = self.error(lambda: parse_server_config({"UseTls": 1}, "s.json"))
+        self.assertEqual(
+            (e.source, e.field, e.message),
+            ("s.json", "UseTls", "expected true or false, got 1"),
+        )
+        self.assertEqual(
+            str(e), 's.json: field "UseTls": expected true or false, got 1'
+        )
+
+    def test_nested_field(self):
+        """An entry inside a field is named with its path."""
+        obj = {"ClientId": "a", "ServerHost": "h", "UseTls": False}
+        obj["ServiceToLocalAddrMap"] = {"web": "nope"}
+        e = self.error(lambda: parse_client_config(obj, "c.json"))
+        self.assertEqual(e.field, "ServiceToLocalAddrMap.web")
+        self.assertTrue(e.message.startswith('expected "host:port", got "nope"'))
+
+    def test_unknown_and_whole_file(self):
+        """An unknown field is the field; a problem of the whole file has none."""
+        e = self.error(lambda: parse_server_config({"Zz": 1}, "s.json"))
+        self.assertEqual((e.field, str(e)), ("Zz", 's.json: unknown field "Zz"'))
+        path = self.write("bad.json", b"[")
+        e = self.error(lambda: load_server_config(path))
+        self.assertEqual((e.source, e.field), (path, None))
+        self.assertTrue(e.message.startswith("not valid JSON: "))
+
+    def test_constructed(self):
+        """Code outside config (tls) builds them from parts; the old form works."""
+        e = ConfigError("s.json", "cannot load key", "ServerTlsKeyFile")
+        self.assertEqual(str(e), 's.json: field "ServerTlsKeyFile": cannot load key')
+        self.assertEqual(str(ConfigError("s.json", "unreadable")), "s.json: unreadable")
+        old = ConfigError("one whole line")
+        self.assertEqual(
+            (str(old), old.field, old.message),
+            ("one whole line", None, "one whole line"),
+        )
+
+
 class LoadFileTests(TempDirMixin, SynchronousTestCase):
     def test_load_server(self):
         """A server config file loads; relative paths resolve next to it."""

@@ -1,8 +1,11 @@
 """One log level for all of threshold's loggers.
 
-Every module logs through ``Logger(observer=observer)``, a filter in front
-of Twisted's global publisher, so that ``DebugLog`` turns the frame- and
-connection-level detail on and off without touching other log sources.
+A module logs through ``Logger(observer=observer)``, a filter in front of
+Twisted's global publisher, so that ``DebugLog`` turns the frame- and
+connection-level detail on and off without touching other log sources. A
+``Logger()`` made without it writes to the global publisher directly: its
+debug events are never filtered out, so a module that logs at debug level
+must use ``observer``.
 """
 
 from __future__ import annotations

@@ -1,23 +1,30 @@
-"""The front end in memory: what a new user connection puts on the wire."""
+"""The front end in memory: openings, states, timers, caps and releases."""
 
 from __future__ import annotations
 
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import succeed
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.frontendkit import Gateway, entry
+from tests.tlshello import python_hello
 from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import MuxSession, SessionConfig
-from threshold.server.frontend import FrontendFactory, FrontendStats
+from threshold.relay import RelayState
+from threshold.server.frontend import FrontendFactory, FrontendLimits
 from threshold.server.routes import RouteTable, parse_tunnels
-from threshold.testing import Collector
+from threshold.server.stats import GatewayStats, Limit, Refusal, Traffic
+from threshold.testing import Collector, Frame, decode_frames
 from threshold.wire import frames as F
 
 
 class OpeningTests(SynchronousTestCase):
+    """What a new user connection puts on the wire."""
+
     def setUp(self):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.defer import succeed
+        from twisted.internet.task import Clock
+
         self.routes = RouteTable(
             lambda host, port, factory: succeed(object()),
             lambda key: None,
@@ -30,67 +37,236 @@ class OpeningTests(SynchronousTestCase):
             config=SessionConfig(keepalive_interval=0),
         )
         self.session.makeConnection(StringTransport())
+        self.addresses = (
+            IPv4Address("TCP", "127.0.0.1", 9000),
+            IPv4Address("TCP", "203.0.113.9", 51000),
+        )
 
     def connect(self, entries, sent=b""):
         self.successResultOf(self.routes.apply(parse_tunnels(entries)))
+        from twisted.internet.task import Clock
+
         factory = FrontendFactory(
             ("127.0.0.1", 9000),
             self.routes,
             lambda client_id: self.session,
             Clock(),
-            FrontendStats(),
+            GatewayStats(),
         )
         user = factory.buildProtocol(None)
-        user.makeConnection(
-            StringTransport(
-                hostAddress=IPv4Address("TCP", "127.0.0.1", 9000),
-                peerAddress=IPv4Address("TCP", "203.0.113.9", 51000),
-            )
-        )
+        host, peer = self.addresses
+        user.makeConnection(StringTransport(hostAddress=host, peerAddress=peer))
         if sent:
             user.dataReceived(sent)
-        return F.decode_frames(self.session.transport.value())
+        return decode_frames(self.session.transport.value())
 
     def test_syn_and_opening_in_one_go(self):
         """SYN, then one Data frame with header and PROXY line, no waiting."""
-        frames = self.connect(
-            [
-                {
-                    "ClientId": "c",
-                    "ListenAddress": "127.0.0.1",
-                    "ListenPort": 9000,
-                    "BackEndService": "web",
-                    "HaProxyProxyProtocol": True,
-                }
-            ]
-        )
+        frames = self.connect([entry(HaProxyProxyProtocol=True)])
         opening = b'{"service":"web"}\nPROXY TCP4 203.0.113.9 127.0.0.1 51000 9000\r\n'
         self.assertEqual(
             frames,
             [
-                F.Frame(F.TYPE_WINDOW_UPDATE, F.FLAG_SYN, 2, 0),
-                F.Frame(F.TYPE_DATA, 0, 2, len(opening), opening),
+                Frame(F.TYPE_WINDOW_UPDATE, F.FLAG_SYN, 2, 0),
+                Frame(F.TYPE_DATA, 0, 2, len(opening), opening),
             ],
         )
 
     def test_hello_replayed_in_the_opening_frame(self):
         """With SNI routing, the bytes read travel in the same Data frame."""
-        hello = bytes.fromhex(
-            # A TLS record whose ClientHello is cut short: not TLS enough to
-            # route by name, so the "*" entry takes it, bytes unchanged.
-            "160301000401000000"
-        )
+        # A TLS record whose ClientHello is cut short: not TLS enough to
+        # route by name, so the "*" entry takes it, bytes unchanged.
+        hello = bytes.fromhex("160301000401000000")
         entries = [
-            {
-                "ClientId": "c",
-                "ListenAddress": "127.0.0.1",
-                "ListenPort": 9000,
-                "ListenHostnameGlob": glob,
-                "BackEndService": service,
-            }
-            for glob, service in (("a.example.com", "a"), ("*", "other"))
+            entry(glob="a.example.com", service="a"),
+            entry(glob="*", service="other"),
         ]
         frames = self.connect(entries, sent=hello + b"GET /")
         data = [f for f in frames if f.type == F.TYPE_DATA]
         self.assertEqual(len(data), 1)
         self.assertEqual(data[0].payload, b'{"service":"other"}\n' + hello + b"GET /")
+
+
+class StateTests(SynchronousTestCase):
+    """One state per connection, from admission to close."""
+
+    def test_states_of_an_sni_connection(self):
+        """PREFIX while the hello is read, OPEN once routed, CLOSED at the end."""
+        gateway = Gateway([entry(glob="a.example"), entry(glob="*", service="x")])
+        hello = python_hello("a.example")
+        user = gateway.connect(sent=hello[:10])
+        self.assertIs(user.state, RelayState.PREFIX)
+        user.dataReceived(hello[10:])
+        gateway.pump.flush()
+        self.assertIs(user.state, RelayState.OPEN)
+        self.assertEqual(gateway.accepted[0].data, b'{"service":"web"}\n' + hello)
+        user.transport.loseConnection()
+        gateway.pump.flush()
+        self.assertIs(user.state, RelayState.CLOSED)
+        self.assertEqual(gateway.stats.open, 0)
+        self.assertEqual(gateway.session.streams, {})
+        self.assertEqual(gateway.client.streams, {})
+
+    def test_bytes_counted_once_each_way(self):
+        """The flow counts each relayed byte once; the totals add up at close."""
+        gateway = Gateway([entry()])
+        user = gateway.connect(sent=b"hello")
+        user.dataReceived(b" world")
+        service = gateway.accepted[0]
+        service.transport.write(b"abc")
+        gateway.pump.flush()
+        self.assertEqual(service.data, b'{"service":"web"}\nhello world')
+        self.assertEqual(user.transport.value(), b"abc")
+        self.assertEqual((user.bytes_in, user.bytes_out), (11, 3))
+        key = ("127.0.0.1", 9000, "*")
+        self.assertEqual(gateway.stats.tunnels[key], Traffic(1, 1, 11, 3))
+        user.transport.loseConnection()
+        gateway.pump.flush()
+        self.assertEqual(gateway.stats.tunnels[key], Traffic(1, 0, 11, 3))
+        self.assertEqual(gateway.stats.clients["c"], Traffic(1, 0, 11, 3))
+
+    def test_connection_lost_without_reason(self):
+        """connectionLost() with no argument is a clean close, not a TypeError."""
+        gateway = Gateway([entry()])
+        user = gateway.connect()
+        user.connectionLost()
+        self.assertIs(user.state, RelayState.CLOSED)
+        self.assertEqual(len(gateway.admission), 0)
+
+
+class TimerTests(SynchronousTestCase):
+    """The SNI deadline, the first-byte timeout and the idle timeout."""
+
+    def test_sni_deadline_is_total(self):
+        """A hello trickled in never completes: closed at the deadline anyway."""
+        gateway = Gateway(
+            [entry(glob="a.example")], FrontendLimits(sni_timeout=5, max_hello=20000)
+        )
+        user = gateway.connect(sent=b"\x16\x03\x01\x40\x00\x01\x00\x10\x00")
+        for _ in range(4):
+            gateway.advance(1)
+            user.dataReceived(b"\x00")
+        self.assertFalse(user.transport.ended)
+        gateway.advance(1)
+        self.assertTrue(user.transport.ended)
+        self.assertEqual(gateway.stats.refused[Refusal.SNI_TIMEOUT], 1)
+        self.assertEqual(gateway.session.streams, {})
+
+    def test_first_byte_timeout(self):
+        """No byte either way for the timeout: closed and counted."""
+        gateway = Gateway([entry()], FrontendLimits(first_byte_timeout=30))
+        silent = gateway.connect()
+        gateway.advance(29.9)
+        self.assertFalse(silent.transport.ended)
+        gateway.advance(0.1)
+        self.assertTrue(silent.transport.ended)
+        self.assertEqual(gateway.stats.refused[Refusal.LIMIT_FIRST_BYTE], 1)
+        # Its stream is gone on both sessions, its slot is free.
+        self.assertEqual(gateway.session.streams, {})
+        self.assertEqual(gateway.client.streams, {})
+        self.assertEqual(len(gateway.admission), 0)
+
+    def test_server_speaks_first(self):
+        """A byte from the service counts: an SMTP user who waits is not cut."""
+        gateway = Gateway([entry()], FrontendLimits(first_byte_timeout=30))
+        user = gateway.connect()
+        gateway.advance(1)
+        gateway.accepted[0].transport.write(b"220 mail.example ESMTP\r\n")
+        gateway.pump.flush()
+        self.assertEqual(user.transport.value(), b"220 mail.example ESMTP\r\n")
+        gateway.advance(3600)
+        self.assertFalse(user.transport.ended)
+
+    def test_user_speaks_first(self):
+        """A byte from the user counts too; 0 disables the timeout."""
+        gateway = Gateway([entry()], FrontendLimits(first_byte_timeout=30))
+        user = gateway.connect(sent=b"x")
+        gateway.advance(3600)
+        self.assertFalse(user.transport.ended)
+        gateway = Gateway([entry()], FrontendLimits(first_byte_timeout=0))
+        user = gateway.connect()
+        gateway.advance(3600)
+        self.assertFalse(user.transport.ended)
+
+    def test_idle_timeout(self):
+        """Idle past the timeout: closed; kept active: not closed."""
+        limits = FrontendLimits(idle_timeout=10, first_byte_timeout=0)
+        gateway = Gateway([entry()], limits)
+        idle = gateway.connect(sent=b"a")
+        active = gateway.connect(sent=b"a", peer=("203.0.113.10", 1))
+        for _ in range(9):
+            gateway.advance(2)
+            active.dataReceived(b"x")
+        self.assertTrue(idle.transport.ended)
+        self.assertFalse(active.transport.ended)
+        self.assertEqual(gateway.stats.refused[Refusal.LIMIT_IDLE], 1)
+
+    def test_shorter_timeout_applies_before_the_first_byte(self):
+        """Before any byte the shorter of idle and first-byte applies."""
+        limits = FrontendLimits(idle_timeout=5, first_byte_timeout=30)
+        gateway = Gateway([entry()], limits)
+        user = gateway.connect()
+        gateway.advance(5)
+        self.assertTrue(user.transport.ended)
+        self.assertEqual(gateway.stats.refused[Refusal.LIMIT_IDLE], 1)
+        self.assertEqual(gateway.stats.refused[Refusal.LIMIT_FIRST_BYTE], 0)
+
+
+class CapTests(SynchronousTestCase):
+    """Per-tunnel and per-source caps; a slot freed is usable again."""
+
+    def test_per_source_across_groups_and_forms(self):
+        """One IPv4 source, plain or IPv4-mapped, on two groups, is one count."""
+        gateway = Gateway(
+            [entry(port=9000), entry(port=9001)], FrontendLimits(max_per_ip=2)
+        )
+        a = gateway.connect(port=9000, peer=("192.0.2.7", 1000))
+        b = gateway.connect(port=9001, peer=("::ffff:192.0.2.7", 1001))
+        refused = gateway.connect(port=9001, peer=("192.0.2.7", 1002))
+        self.assertFalse(a.transport.ended or b.transport.ended)
+        self.assertTrue(refused.transport.ended)
+        self.assertEqual(gateway.stats.refused[Refusal.LIMIT_SOURCE_IP], 1)
+        self.assertEqual(gateway.stats.limits_hit[Limit.CONNECTIONS_PER_SOURCE_IP], 1)
+        self.assertEqual(gateway.admission.source_count("192.0.2.7"), 2)
+        # Another source is not affected; a freed slot is usable again.
+        other = gateway.connect(peer=("192.0.2.8", 1))
+        self.assertFalse(other.transport.ended)
+        a.transport.loseConnection()
+        again = gateway.connect(peer=("192.0.2.7", 1003))
+        self.assertFalse(again.transport.ended)
+
+    def test_ipv6_grouped_by_prefix(self):
+        """Addresses of one /64 share a count; another /64 does not."""
+        gateway = Gateway([entry()], FrontendLimits(max_per_ip=1))
+        first = gateway.connect(peer=("2001:db8:1:2::1", 1))
+        same = gateway.connect(peer=("2001:db8:1:2:ffff::9", 2))
+        other = gateway.connect(peer=("2001:db8:1:3::1", 3))
+        self.assertFalse(first.transport.ended)
+        self.assertTrue(same.transport.ended)
+        self.assertFalse(other.transport.ended)
+        gateway = Gateway([entry()], FrontendLimits(max_per_ip=1, ipv6_prefix=128))
+        gateway.connect(peer=("2001:db8:1:2::1", 1))
+        self.assertFalse(gateway.connect(peer=("2001:db8:1:2::2", 1)).transport.ended)
+
+    def test_per_tunnel(self):
+        """Past MaxConnectionsPerTunnel the group's new connections are closed."""
+        gateway = Gateway([entry()], FrontendLimits(max_per_tunnel=2))
+        users = [gateway.connect(peer=(f"192.0.2.{i}", 1)) for i in range(3)]
+        self.assertEqual([u.transport.ended for u in users], [False, False, True])
+        self.assertEqual(gateway.stats.refused[Refusal.LIMIT_TUNNEL], 1)
+        self.assertEqual(gateway.stats.limits_hit[Limit.CONNECTIONS_PER_TUNNEL], 1)
+        self.assertEqual(gateway.stats.open, 2)
+        users[0].transport.loseConnection()
+        self.assertEqual(gateway.stats.open, 1)
+        self.assertFalse(gateway.connect(peer=("192.0.2.9", 1)).transport.ended)
+
+    def test_refusals_by_reason(self):
+        """No route and no client are counted apart, each once."""
+        gateway = Gateway([entry(glob="a.example")])
+        gateway.connect(sent=python_hello("b.example"))
+        gateway.connected = False
+        gateway.connect(sent=python_hello("a.example"))
+        self.assertEqual(gateway.stats.refused[Refusal.NO_ROUTE], 1)
+        self.assertEqual(gateway.stats.refused[Refusal.CLIENT_NOT_CONNECTED], 1)
+        self.assertEqual(gateway.stats.open, 0)
+        self.assertEqual(len(gateway.admission), 0)

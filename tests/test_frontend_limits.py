@@ -1,4 +1,8 @@
-"""Front-end limits, idle timeout and exact byte counts, on loopback."""
+"""Front-end limits, the first-byte timeout and exact byte counts, on loopback.
+
+The logic of each limit is tested in memory (tests/test_frontend.py); these
+tests check what real sockets see.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from tests.support import (
     tunnel,
     wait_until,
 )
+from threshold.server.stats import Limit, Refusal
 
 
 def sleep(seconds: float):
@@ -51,7 +56,7 @@ class LimitTests(TestCase):
         yield wait_until(lambda: user.data == b"ping", 5, "echo")
 
     @inlineCallbacks
-    def assert_limit(self, which):
+    def assert_limit(self, reason, limit):
         users = []
         for _ in range(3):
             user = yield connect_user(self.port)
@@ -61,10 +66,8 @@ class LimitTests(TestCase):
         yield extra.done
         self.assertEqual(extra.data, b"")
         stats = self.deployment.server.stats
-        self.assertEqual(stats.refused_limit[which], 1)
-        self.assertEqual(
-            self.deployment.server.limits_hit[f"connections_per_{which}"], 1
-        )
+        self.assertEqual(stats.refused[reason], 1)
+        self.assertEqual(stats.limits_hit[limit], 1)
         # A slot freed is a slot usable again.
         users[0].transport.loseConnection()
         yield users[0].done
@@ -79,31 +82,48 @@ class LimitTests(TestCase):
     def test_connections_per_source_ip(self):
         """Past MaxConnectionsPerSourceIp, a source's new connections are closed."""
         yield self.deploy(max_connections_per_source_ip=3)
-        yield self.assert_limit("source_ip")
-        stats = self.deployment.server.stats
-        yield wait_until(lambda: stats.per_ip == {}, 5, "per-IP counts to drop")
+        yield self.assert_limit(
+            Refusal.LIMIT_SOURCE_IP, Limit.CONNECTIONS_PER_SOURCE_IP
+        )
+        admission = self.deployment.server.admission
+        yield wait_until(lambda: len(admission) == 0, 5, "per-IP counts to drop")
 
     @inlineCallbacks
     def test_connections_per_tunnel(self):
         """Past MaxConnectionsPerTunnel, the tunnel's new connections are closed."""
         yield self.deploy(max_connections_per_tunnel=3)
-        yield self.assert_limit("tunnel")
+        yield self.assert_limit(Refusal.LIMIT_TUNNEL, Limit.CONNECTIONS_PER_TUNNEL)
 
     @inlineCallbacks
-    def test_idle_timeout(self):
-        """A connection idle past the timeout is closed; an active one is not."""
-        yield self.deploy(public_idle_timeout_seconds=0.4)
-        idle = yield connect_user(self.port)
-        active = yield connect_user(self.port)
-        yield self.echo_works(idle)
-        for _ in range(8):
-            active.transport.write(b"x")
-            yield sleep(0.1)
-        self.assertTrue(idle.done.called)
-        self.assertFalse(active.done.called)
-        self.assertEqual(self.deployment.server.stats.refused_limit["idle"], 1)
-        active.transport.loseConnection()
-        yield active.done
+    def test_first_byte_timeout(self):
+        """A user silent both ways is closed; one whose service speaks is not."""
+        yield self.deploy(public_first_byte_timeout_seconds=0.3)
+        greeter = Backend(echo=False, greeting=b"220 ready\r\n")
+        greeter_port = yield greeter.start()
+        self.addCleanup(greeter.stop)
+        self.deployment.start_client(
+            "TestClient2", {"smtp": ("127.0.0.1", greeter_port)}
+        )
+        yield self.deployment.wait_connected("TestClient2")
+        smtp_port = free_port()
+        code, body = yield self.deployment.put_tunnels(
+            [
+                tunnel("TestClient1", self.port, "echo"),
+                tunnel("TestClient2", smtp_port, "smtp"),
+            ]
+        )
+        self.assertEqual(code, 200, body)
+        silent = yield connect_user(self.port)
+        waiting = yield connect_user(smtp_port)
+        yield silent.done
+        self.assertEqual(silent.data, b"")
+        yield sleep(0.4)
+        self.assertFalse(waiting.done.called)
+        self.assertEqual(waiting.data, b"220 ready\r\n")
+        stats = self.deployment.server.stats
+        self.assertEqual(stats.refused[Refusal.LIMIT_FIRST_BYTE], 1)
+        waiting.transport.loseConnection()
+        yield waiting.done
 
     @inlineCallbacks
     def test_byte_counts_exact(self):

@@ -35,6 +35,7 @@ from tests.support import (
     wait_until,
 )
 from tests.tlshello import python_hello
+from threshold.server.stats import Refusal
 from threshold.wire import clienthello
 
 CLIENT = "TestClient1"
@@ -337,13 +338,13 @@ class TlsClientTests(_Fixture):
     def test_one_byte_segments(self):
         """A hello sent one byte per TCP segment still routes and replays exactly."""
         calls = []
-        parse = clienthello.parse_client_hello
+        feed = clienthello.ClientHelloParser.feed
 
-        def counting(data: Any, max_size: int = clienthello.DEFAULT_MAX_SIZE) -> Any:
+        def counting(parser: Any, data: Any) -> Any:
             calls.append(len(data))
-            return parse(data, max_size)
+            return feed(parser, data)
 
-        self.patch(clienthello, "parse_client_hello", counting)
+        self.patch(clienthello.ClientHelloParser, "feed", counting)
         hello = python_hello("x.y.example.com")
         (port,) = yield self.put_groups(FULL_GROUP)
         received = yield deferToThread(_send_one_byte_at_a_time, port, hello)
@@ -355,7 +356,8 @@ class TlsClientTests(_Fixture):
         # The front end really saw the hello in pieces (loopback may merge a
         # few segments when the reactor is busy, never most of them).
         self.assertGreater(len(calls), len(hello) // 4)
-        self.assertEqual(calls[-1], len(hello))
+        # Each byte is handed to the parser once, never the buffer again.
+        self.assertEqual(sum(calls), len(hello))
 
     @inlineCallbacks
     def test_tls12_only_hello(self):
@@ -421,11 +423,11 @@ class RefusalTests(_Fixture):
         (port,) = yield self.put_groups(NO_FALLBACK_GROUP)
         stats = self.deployment.server.stats
         for data in [python_hello("other.org"), python_hello(None), NOT_TLS]:
-            refused = stats.refused_no_route
+            refused = stats.refused[Refusal.NO_ROUTE]
             user, before = yield self.send(port, data)
             yield self.assert_closed(user, before)
-            self.assertEqual(stats.refused_no_route, refused + 1)
-        self.assertEqual(stats.refused_no_client, 0)
+            self.assertEqual(stats.refused[Refusal.NO_ROUTE], refused + 1)
+        self.assertEqual(stats.refused[Refusal.CLIENT_NOT_CONNECTED], 0)
 
     @inlineCallbacks
     def test_client_gone_closed(self):
@@ -436,11 +438,11 @@ class RefusalTests(_Fixture):
         yield wait_until(lambda: not registry.is_connected(CLIENT), what="gone")
         stats = self.deployment.server.stats
         for data in [python_hello("a.example.com"), NOT_TLS]:
-            refused = stats.refused_no_client
+            refused = stats.refused[Refusal.CLIENT_NOT_CONNECTED]
             user, before = yield self.send(port, data)
             yield self.assert_closed(user, before)
-            self.assertEqual(stats.refused_no_client, refused + 1)
-        self.assertEqual(stats.refused_no_route, 0)
+            self.assertEqual(stats.refused[Refusal.CLIENT_NOT_CONNECTED], refused + 1)
+        self.assertEqual(stats.refused[Refusal.NO_ROUTE], 0)
 
 
 class _LogWatch:
@@ -494,13 +496,13 @@ class SlowAndBadInputTests(_Fixture):
         elapsed = time.monotonic() - start
         self.assertGreaterEqual(elapsed, 0.45)
         self.assertLess(elapsed, 2.0)
-        self.assertEqual(stats.sni_timeouts, 2)
+        self.assertEqual(stats.refused[Refusal.SNI_TIMEOUT], 2)
         self.assertEqual(silent.data + half.data, b"")
         # The routed user is past the timeout and still relayed.
         self.assertIsNone(user.lost)
         user.transport.write(b"still here")
         yield self.assert_routed(user, hello + b"still here", "svcA", before)
-        self.assertEqual(stats.sni_timeouts, 2)
+        self.assertEqual(stats.refused[Refusal.SNI_TIMEOUT], 2)
         self.assertEqual(self.connection_counts(), {"svcA": 1, "svcB": 0, "svcC": 0})
 
     @inlineCallbacks
@@ -553,7 +555,7 @@ class SlowAndBadInputTests(_Fixture):
             yield self.assert_closed(user, before)
 
         # A record that promises more than ever comes: closed at the timeout.
-        timeouts = self.deployment.server.stats.sni_timeouts
+        timeouts = self.deployment.server.stats.refused[Refusal.SNI_TIMEOUT]
         before = self.connection_counts()
         users = []
         for port in (fallback, strict):
@@ -562,7 +564,9 @@ class SlowAndBadInputTests(_Fixture):
             users.append(user)
         for user in users:
             yield self.assert_closed(user, before)
-        self.assertEqual(self.deployment.server.stats.sni_timeouts, timeouts + 2)
+        self.assertEqual(
+            self.deployment.server.stats.refused[Refusal.SNI_TIMEOUT], timeouts + 2
+        )
 
         self.assertEqual(self.flushLoggedErrors(), [])
         self.assertEqual(log.events, [])

@@ -221,6 +221,23 @@ class ServerConfig:
         " IMAP IDLE) are not cut; the two limits above bound what idle"
         " connections can hold.",
     )
+    public_first_byte_timeout_seconds: float = field(
+        "PublicFirstByteTimeoutSeconds",
+        Seconds(zero_ok=True),
+        30.0,
+        doc="Close an internet-user connection when no byte has passed either way"
+        " this long after it was routed (a byte from the service counts, so SMTP"
+        " and SSH, where the server speaks first, are not cut). Stops idle floods"
+        " from holding a client's streams. `0`: never.",
+    )
+    source_ipv6_prefix_length: int = field(
+        "SourceIpv6PrefixLength",
+        Integer(1, 128),
+        64,
+        doc="IPv6 source addresses sharing this many leading bits are one source"
+        " for the per-source limits (a /64 is one home). IPv4 addresses, also"
+        " when seen IPv4-mapped on a dual-stack listener, count one by one.",
+    )
     shutdown_grace_seconds: float = field(
         "ShutdownGraceSeconds",
         Seconds(zero_ok=True),

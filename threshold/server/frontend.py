@@ -5,19 +5,26 @@ ListenPort)``. At each accepted connection it looks the group's entries up
 in the route table (so a ``PUT /tunnels`` that moves a tunnel affects the
 next connection, never a running one):
 
+- the caps are checked first (:mod:`threshold.server.public_admission`);
 - a group whose only entry is ``*`` forwards at once, reading nothing, so
   protocols where the server speaks first work;
-- otherwise the TLS ClientHello is read (bounded in size and time), the
-  SNI name picks the entry, and the bytes read are replayed unchanged.
+- otherwise the TLS ClientHello is read (:mod:`threshold.server.sni`,
+  bounded in size, records, reads and time), the SNI name picks the entry,
+  and the bytes read are replayed unchanged.
 
 The stream to the client starts with the service header, then the PROXY
 header when the tunnel asks for it, then the user's bytes, all written
-without waiting for the client's ACK: no round trip is added.
+without waiting for the client's ACK: no round trip is added. The opening
+bytes are built before the stream is opened, and any failure after it is
+opened resets the stream and closes the user, so nothing is left behind.
+
+A :class:`PublicConnection`'s state is its :class:`~threshold.relay.RelayState`:
+NEW (admitting), PREFIX (reading the ClientHello), then OPEN and the
+half-closed states (routed), CLOSED.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,11 +33,14 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from threshold.logs import observer as log_observer
 from threshold.mux.session import SessionClosed, StreamLimitReached
-from threshold.relay import RelayEnd, tune_transport
+from threshold.relay import PrefixRelay, RelayEnd, RelayState, tune_transport
+from threshold.server.addresses import DEFAULT_IPV6_PREFIX
+from threshold.server.public_admission import PublicAdmission
 from threshold.server.routes import (
     GroupKey,
     Tunnel,
@@ -38,65 +48,20 @@ from threshold.server.routes import (
     needs_sni,
     select_route,
 )
+from threshold.server.sni import SniReader
+from threshold.server.stats import Flow, GatewayStats, Limit, Refusal
 from threshold.wire import clienthello, proxyheader
 from threshold.wire.handshake import encode_stream_header
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IDelayedCall, IReactorTime
+    from twisted.internet.interfaces import IReactorTime
 
     from threshold.mux.session import MuxSession
     from threshold.server.routes import RouteTable
 
 log = Logger(observer=log_observer)
 
-
-@dataclass(slots=True)
-class Traffic:
-    """Connections and bytes of one tunnel or one client."""
-
-    accepted: int = 0
-    open: int = 0
-    #: Bytes from internet users to the service.
-    bytes_in: int = 0
-    #: Bytes from the service to internet users.
-    bytes_out: int = 0
-
-
-TunnelKey = tuple[str, int, str]
-
-
-class FrontendStats:
-    """Counters the front end keeps, for the API, logs and metrics.
-
-    Byte counts are exact: every chunk relayed is added as it passes.
-    """
-
-    def __init__(self) -> None:
-        self.accepted = 0
-        self.open = 0
-        self.refused_no_route = 0
-        self.refused_no_client = 0
-        self.refused_limit: Counter[str] = Counter()
-        self.sni_timeouts = 0
-        self.sni_not_tls = 0
-        self.tunnels: dict[TunnelKey, Traffic] = {}
-        self.clients: dict[str, Traffic] = {}
-        self.per_ip: dict[str, int] = {}
-
-    def tunnel(self, tunnel: Tunnel) -> Traffic:
-        """The counters of one tunnel (address, port, hostname glob)."""
-        key = (tunnel.listen_address, tunnel.listen_port, tunnel.hostname_glob)
-        traffic = self.tunnels.get(key)
-        if traffic is None:
-            traffic = self.tunnels[key] = Traffic()
-        return traffic
-
-    def client(self, client_id: str) -> Traffic:
-        """The counters of one client, over all its tunnels."""
-        traffic = self.clients.get(client_id)
-        if traffic is None:
-            traffic = self.clients[client_id] = Traffic()
-        return traffic
+_RELAYING = frozenset({RelayState.OPEN, RelayState.WRITE_SHUT, RelayState.READ_SHUT})
 
 
 @dataclass(frozen=True)
@@ -107,10 +72,14 @@ class FrontendLimits:
     max_hello: int = clienthello.DEFAULT_MAX_SIZE
     #: Concurrent connections on one tunnel socket; 0: no limit.
     max_per_tunnel: int = 10000
-    #: Concurrent connections from one source IP, all tunnels; 0: no limit.
+    #: Concurrent connections from one source, all tunnels; 0: no limit.
     max_per_ip: int = 256
     #: Close connections idle this long; 0: never.
     idle_timeout: float = 0.0
+    #: Close relayed connections with no byte either way this long; 0: never.
+    first_byte_timeout: float = 30.0
+    #: IPv6 sources sharing this prefix count as one source.
+    ipv6_prefix: int = DEFAULT_IPV6_PREFIX
 
 
 class _ServiceSide(RelayEnd):
@@ -121,90 +90,98 @@ class _ServiceSide(RelayEnd):
         self.public = public
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        """Count, then forward to the user."""
         public = self.public
-        size = len(data)
-        public.bytes_out += size
-        public.tunnel_traffic.bytes_out += size
-        public.client_traffic.bytes_out += size
-        public.last_activity = public.clock.seconds()
+        flow = public.flow
+        if flow is not None and self.state in _RELAYING:
+            if flow.bytes_in or flow.bytes_out:
+                public.resetTimeout()
+                flow.bytes_out += len(data)
+            else:
+                flow.bytes_out += len(data)
+                public.arm_quiet_timer()
         super().dataReceived(data)
 
 
-class PublicConnection(RelayEnd):
-    """An internet user's connection on a tunnel port."""
+class PublicConnection(PrefixRelay, TimeoutMixin):
+    """An internet user's connection on a tunnel port.
 
-    _timeout: IDelayedCall | None = None
-    _idle_call: IDelayedCall | None = None
+    One timer (TimeoutMixin) serves the phases in turn: the SNI read's
+    deadline, then the first-byte timeout (no byte either way since it was
+    routed), then the idle timeout.
+    """
+
     tunnel: Tunnel | None = None
-    tunnel_traffic: Traffic
-    client_traffic: Traffic
-    bytes_out = 0
-    last_activity = 0.0
+    flow: Flow | None = None
 
     def __init__(self, factory: FrontendFactory) -> None:
-        super().__init__(on_close=self._closed)
+        super().__init__()
         self.factory = factory
         self.clock = factory.clock
-        self._hello = b""
-        self._routed = False
-        self._counted = False
-        self._ip: str | None = None
+        # TimeoutMixin schedules with the global reactor unless told.
+        self.callLater = factory.clock.callLater
+        self.started = 0.0
+        self._sni: SniReader | None = None
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes relayed from the user to the service."""
+        return self.flow.bytes_in if self.flow is not None else 0
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes relayed from the service to the user."""
+        return self.flow.bytes_out if self.flow is not None else 0
+
+    # -- admitting ----------------------------------------------------------
 
     def connectionMade(self) -> None:  # noqa: N802
-        """Check the limits, then route at once or read the ClientHello."""
+        """Check the caps, then route at once or read the ClientHello."""
         factory = self.factory
         stats = factory.stats
-        limits = factory.limits
         stats.accepted += 1
         self.started = self.clock.seconds()
-        peer = self.transport.getPeer()
-        ip = getattr(peer, "host", None)
-        if limits.max_per_tunnel and factory.open >= limits.max_per_tunnel:
-            self._refuse_limit(
-                "tunnel", f"{factory.open} connections on this tunnel already"
+        denied = factory.admission.admit(self, factory.key, self.transport.getPeer())
+        if denied is not None:
+            stats.refuse(denied.reason)
+            stats.limit_hit(denied.limit)
+            log.warn(
+                "{peer} on {group} refused: {why} (limit)",
+                peer=self._peer(),
+                group=self._group(),
+                why=denied.why,
             )
+            self.give_up(abort=True)
             return
-        if ip is not None and limits.max_per_ip:
-            if stats.per_ip.get(ip, 0) >= limits.max_per_ip:
-                self._refuse_limit(
-                    "source_ip", f"{stats.per_ip[ip]} connections from {ip} already"
-                )
-                return
-        self._counted = True
         stats.open += 1
-        factory.open += 1
-        if ip is not None:
-            self._ip = ip
-            stats.per_ip[ip] = stats.per_ip.get(ip, 0) + 1
         tune_transport(self.transport)
         entries = factory.routes.group(factory.key)
         if not entries:
-            self._refuse("no tunnel on this address any more")
-            return
-        if not needs_sni(entries):
+            self._refuse(Refusal.NO_ROUTE, "no tunnel on this address any more")
+        elif not needs_sni(entries):
             self._route(entries[0], b"")
-            return
-        self._timeout = self.clock.callLater(limits.sni_timeout, self._sni_timed_out)
+        else:
+            self._sni = SniReader(factory.limits.max_hello)
+            self.read_prefix()
+            self.setTimeout(factory.limits.sni_timeout)
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        """Before routing, collect the ClientHello; after, relay."""
-        if self._routed:
-            size = len(data)
-            self.tunnel_traffic.bytes_in += size
-            self.client_traffic.bytes_in += size
-            self.last_activity = self.clock.seconds()
-            super().dataReceived(data)
+    # -- reading the ClientHello -------------------------------------------
+
+    def prefix_received(self, data: bytes) -> None:
+        """Feed the ClientHello reader; route once it has an answer."""
+        sni = self._sni
+        if sni is None:
             return
-        self._hello += data
-        result = clienthello.parse_client_hello(
-            self._hello, self.factory.limits.max_hello
-        )
+        result = sni.feed(data)
         if isinstance(result, clienthello.NeedMore):
             return
-        self._cancel_timeout()
-        entries = self.factory.routes.group(self.factory.key)
+        self.setTimeout(None)
+        self._sni = None
+        stats = self.factory.stats
         if isinstance(result, clienthello.NotTls):
-            self.factory.stats.sni_not_tls += 1
+            stats.sni_not_tls += 1
+            if result.bounded:
+                stats.limit_hit(Limit.CLIENT_HELLO)
             log.debug(
                 "{peer} on {group}: not a TLS ClientHello: {why}",
                 peer=self._peer(),
@@ -214,68 +191,60 @@ class PublicConnection(RelayEnd):
             name = None
         else:
             name = result.server_name
-        route = select_route(entries, name)
+        route = select_route(self.factory.routes.group(self.factory.key), name)
         if route is None:
-            self._refuse(f"no tunnel for server name {name!r}")
+            self._refuse(Refusal.NO_ROUTE, f"no tunnel for server name {name!r}")
             return
-        hello, self._hello = self._hello, b""
-        self._route(route, hello)
+        self._route(route, sni.replay())
 
-    def readConnectionLost(self) -> None:  # noqa: N802
-        """EOF before routing ends the connection; after, it half-closes."""
-        if not self._routed:
-            self.transport.loseConnection()
-            return
-        super().readConnectionLost()
+    # -- routing ------------------------------------------------------------
 
     def _route(self, tunnel: Tunnel, first_bytes: bytes) -> None:
         factory = self.factory
         session = factory.session_for(tunnel.client_id)
         if session is None:
             self._refuse(
-                f'client "{tunnel.client_id}" is not connected', no_client=True
+                Refusal.CLIENT_NOT_CONNECTED,
+                f'client "{tunnel.client_id}" is not connected',
+            )
+            return
+        # Everything that can fail on the tunnel's own fields is done before
+        # the stream exists: nothing to undo on either session.
+        try:
+            opening = self._opening(tunnel)
+        except Exception as e:
+            self._refuse(
+                Refusal.TUNNEL_ERROR,
+                f"tunnel to {tunnel.client_id}/{tunnel.backend_service!r} "
+                f"cannot be served: {e}",
+                warn=True,
             )
             return
         stream_end = _ServiceSide(self)
         try:
             stream = session.open_stream(stream_end)
         except StreamLimitReached as e:
-            factory.limit_hit("streams_per_session")
-            self._refuse(str(e), no_client=True)
+            factory.stats.limit_hit(Limit.STREAMS_PER_SESSION)
+            self._refuse(Refusal.CLIENT_NOT_CONNECTED, str(e))
             return
         except SessionClosed as e:
-            self._refuse(str(e), no_client=True)
+            self._refuse(Refusal.CLIENT_NOT_CONNECTED, str(e))
             return
-        self._routed = True
-        self.tunnel = tunnel
-        stats = factory.stats
-        self.tunnel_traffic = stats.tunnel(tunnel)
-        self.client_traffic = stats.client(tunnel.client_id)
-        for traffic in (self.tunnel_traffic, self.client_traffic):
-            traffic.accepted += 1
-            traffic.open += 1
-        self.bytes_in = len(first_bytes)
-        self.tunnel_traffic.bytes_in += len(first_bytes)
-        self.client_traffic.bytes_in += len(first_bytes)
-        self.last_activity = self.clock.seconds()
-        if factory.limits.idle_timeout:
-            self._idle_call = self.clock.callLater(
-                factory.limits.idle_timeout, self._idle_check
+        try:
+            self._relay(tunnel, stream_end, [*opening, first_bytes])
+        except Exception:
+            # Release everything: the RST ends the stream on both sessions,
+            # the abort ends the user's connection (and its slot, counters).
+            log.failure(
+                "{peer} on {group}: relay into stream {stream_id} failed; reset",
+                peer=self._peer(),
+                group=self._group(),
+                stream_id=stream.id,
             )
-        # Header, PROXY header and the bytes read so far go out as one Data
-        # frame, right behind the SYN: the client needs no round trip.
-        opening = [encode_stream_header(tunnel.backend_service)]
-        if tunnel.proxy_protocol:
-            opening.append(
-                proxyheader.build(
-                    tunnel.proxy_protocol_version,
-                    self.transport.getPeer(),
-                    self.transport.getHost(),
-                )
-            )
-        opening.append(first_bytes)
-        stream.writeSequence(opening)
-        self.join(stream_end)
+            factory.stats.refuse(Refusal.TUNNEL_ERROR)
+            stream.abortConnection()
+            self.give_up(abort=True)
+            return
         log.debug(
             "{peer} on {group} -> client {client} service {service} (stream "
             "{stream_id})",
@@ -286,86 +255,115 @@ class PublicConnection(RelayEnd):
             stream_id=stream.id,
         )
 
-    def _idle_check(self) -> None:
-        self._idle_call = None
-        idle = self.factory.limits.idle_timeout
-        quiet = self.clock.seconds() - self.last_activity
-        if quiet < idle:
-            self._idle_call = self.clock.callLater(idle - quiet, self._idle_check)
+    def _opening(self, tunnel: Tunnel) -> list[bytes]:
+        """The service header and, if asked for, the PROXY header."""
+        opening = [encode_stream_header(tunnel.backend_service)]
+        if tunnel.proxy_protocol:
+            opening.append(
+                proxyheader.build(
+                    tunnel.proxy_protocol_version,
+                    self.transport.getPeer(),
+                    self.transport.getHost(),
+                )
+            )
+        return opening
+
+    def _relay(self, tunnel: Tunnel, stream_end: RelayEnd, first: list[bytes]) -> None:
+        self.tunnel = tunnel
+        key = (tunnel.listen_address, tunnel.listen_port, tunnel.hostname_glob)
+        self.flow = self.factory.stats.flow_opened(key, tunnel.client_id)
+        self.flow.bytes_in = len(first[-1])
+        # Header, PROXY header and the bytes read so far go out as one Data
+        # frame, right behind the SYN: the client needs no round trip.
+        self.splice(stream_end, first)
+        self.arm_quiet_timer()
+
+    # -- relaying -----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        """Count what is relayed to the service (reset the quiet timer)."""
+        flow = self.flow
+        if flow is not None and self.state in _RELAYING:
+            if flow.bytes_in or flow.bytes_out:
+                self.resetTimeout()
+                flow.bytes_in += len(data)
+            else:
+                flow.bytes_in += len(data)
+                self.arm_quiet_timer()
+        super().dataReceived(data)
+
+    def _quiet_limit(self) -> tuple[float, Refusal] | None:
+        """The timeout that applies to a routed connection now, if any.
+
+        Before its first byte (either way) a connection is idle since it was
+        routed, so the shorter of the two timeouts applies.
+        """
+        limits = self.factory.limits
+        options = []
+        if limits.idle_timeout:
+            options.append((limits.idle_timeout, Refusal.LIMIT_IDLE))
+        flow = self.flow
+        silent = flow is not None and not (flow.bytes_in or flow.bytes_out)
+        if limits.first_byte_timeout and silent:
+            options.append((limits.first_byte_timeout, Refusal.LIMIT_FIRST_BYTE))
+        return min(options) if options else None
+
+    def arm_quiet_timer(self) -> None:
+        """(Re)start the first-byte or idle timer for the current phase."""
+        limit = self._quiet_limit()
+        self.setTimeout(limit[0] if limit is not None else None)
+
+    def timeoutConnection(self) -> None:  # noqa: N802
+        """The SNI read's deadline passed, or the connection was quiet too long."""
+        stats = self.factory.stats
+        if self.state is RelayState.PREFIX:
+            stats.refuse(Refusal.SNI_TIMEOUT)
+            log.debug(
+                "{peer} on {group}: no complete ClientHello within {t}s; closed",
+                peer=self._peer(),
+                group=self._group(),
+                t=self.factory.limits.sni_timeout,
+            )
+            self.give_up(abort=True)
             return
-        self.factory.stats.refused_limit["idle"] += 1
+        limit = self._quiet_limit()
+        if limit is None or self.state not in _RELAYING:
+            return
+        seconds, reason = limit
+        stats.refuse(reason)
         log.info(
-            "{peer} on {group}: idle for {idle}s; closed",
+            "{peer} on {group}: {what} for {idle}s; closed",
             peer=self._peer(),
             group=self._group(),
-            idle=idle,
+            what="no byte either way" if reason is Refusal.LIMIT_FIRST_BYTE else "idle",
+            idle=seconds,
         )
-        self.transport.loseConnection()
+        self.give_up()
 
-    def _sni_timed_out(self) -> None:
-        self._timeout = None
-        self.factory.stats.sni_timeouts += 1
-        log.debug(
-            "{peer} on {group}: no complete ClientHello within {t}s; closed",
-            peer=self._peer(),
-            group=self._group(),
-            t=self.factory.limits.sni_timeout,
-        )
-        self.transport.abortConnection()
+    # -- ending -------------------------------------------------------------
 
-    def _refuse(self, why: str, no_client: bool = False) -> None:
-        # Each refusal is counted once, as a missing route or a missing client.
-        if no_client:
-            self.factory.stats.refused_no_client += 1
-        else:
-            self.factory.stats.refused_no_route += 1
-        log.info(
+    def _refuse(self, reason: Refusal, why: str, warn: bool = False) -> None:
+        self.factory.stats.refuse(reason)
+        (log.warn if warn else log.info)(
             "{peer} on {group} refused: {why}",
             peer=self._peer(),
             group=self._group(),
             why=why,
         )
-        self.transport.loseConnection()
+        self.give_up()
 
-    def _refuse_limit(self, which: str, why: str) -> None:
-        self.factory.stats.refused_limit[which] += 1
-        self.factory.limit_hit(f"connections_per_{which}")
-        log.warn(
-            "{peer} on {group} refused: {why} (limit)",
-            peer=self._peer(),
-            group=self._group(),
-            why=why,
-        )
-        self.transport.abortConnection()
-
-    def _cancel_timeout(self) -> None:
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
-        self._timeout = None
-
-    def _closed(self, reason: Failure) -> None:
-        self._cancel_timeout()
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
-        if not self._counted:
-            return
-        self._counted = False
+    def relay_closed(self, reason: Failure) -> None:
+        """Release the slot and the counters; one summary line if relayed."""
+        self.setTimeout(None)
+        self._sni = None
         factory = self.factory
         stats = factory.stats
-        stats.open -= 1
-        factory.open -= 1
-        if self._ip is not None:
-            left = stats.per_ip[self._ip] - 1
-            if left:
-                stats.per_ip[self._ip] = left
-            else:
-                del stats.per_ip[self._ip]
-        tunnel = self.tunnel
-        if tunnel is None:
+        if factory.admission.release(self):
+            stats.open -= 1
+        flow, tunnel = self.flow, self.tunnel
+        if flow is None or tunnel is None:
             return
-        self.tunnel_traffic.open -= 1
-        self.client_traffic.open -= 1
+        stats.flow_closed(flow)
         log.info(
             "{peer} on {group} {glob} via {client}/{service}: {bytes_in} bytes in, "
             "{bytes_out} out, {duration:.3f}s, {end}",
@@ -374,8 +372,8 @@ class PublicConnection(RelayEnd):
             glob=tunnel.hostname_glob,
             client=tunnel.client_id,
             service=tunnel.backend_service,
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
+            bytes_in=flow.bytes_in,
+            bytes_out=flow.bytes_out,
             duration=self.clock.seconds() - self.started,
             end="closed" if reason.check(ConnectionDone) else "reset",
         )
@@ -391,7 +389,11 @@ class PublicConnection(RelayEnd):
 
 
 class FrontendFactory(Factory):
-    """Builds the connections of one tunnel group."""
+    """Builds the connections of one tunnel group.
+
+    ``admission`` is shared by every group of a gateway (sources count
+    across sockets); without one the factory counts on its own.
+    """
 
     protocol = PublicConnection
 
@@ -401,9 +403,9 @@ class FrontendFactory(Factory):
         routes: RouteTable,
         session_for: Callable[[str], MuxSession | None],
         clock: IReactorTime,
-        stats: FrontendStats,
+        stats: GatewayStats,
         limits: FrontendLimits = FrontendLimits(),
-        limit_hit: Callable[[str], None] = lambda name: None,
+        admission: PublicAdmission | None = None,
     ) -> None:
         self.key = key
         self.routes = routes
@@ -411,10 +413,25 @@ class FrontendFactory(Factory):
         self.clock = clock
         self.stats = stats
         self.limits = limits
-        self.limit_hit = limit_hit
-        #: Connections open on this socket now.
-        self.open = 0
+        if admission is None:
+            admission = PublicAdmission(
+                limits.max_per_tunnel, limits.max_per_ip, limits.ipv6_prefix
+            )
+        self.admission = admission
+
+    def startFactory(self) -> None:  # noqa: N802
+        """The group's socket is listening."""
+        self.stats.listening_sockets += 1
+
+    def stopFactory(self) -> None:  # noqa: N802
+        """The group's socket is closed."""
+        self.stats.listening_sockets -= 1
 
     def buildProtocol(self, addr: object) -> PublicConnection:  # noqa: N802
         """A new user connection."""
         return PublicConnection(self)
+
+
+def public_admission(limits: FrontendLimits) -> PublicAdmission:
+    """The per-tunnel and per-source counts one gateway's sockets share."""
+    return PublicAdmission(limits.max_per_tunnel, limits.max_per_ip, limits.ipv6_prefix)

@@ -1,16 +1,17 @@
-"""Prometheus metrics of the server, read from its state at scrape time.
+"""Prometheus metrics of the gateway, read from its state at scrape time.
 
-Nothing is counted twice: the front end, the registry and the sessions keep
-plain counters as they work (an attribute increment per relayed chunk), and
-this collector turns them into metric families when ``GET /metrics`` is
-scraped. So the hot path pays nothing for metrics, and the figures are
-exactly the state the API shows.
+The collector reads two things only: the gateway's counters
+(:class:`~threshold.server.stats.GatewayStats`, updated at each event) and
+the client registry (who is connected, each session's streams and RTT). It
+turns them into metric families when ``GET /metrics`` is scraped, so the hot
+path pays nothing for metrics and the figures are exactly what the API and
+the logs show.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,28 +23,39 @@ from threshold.server.service import (
     STATE_ERROR,
     STATE_UNKNOWN,
 )
+from threshold.server.stats import GatewayStats, HandshakeFailure, Refusal
 
 if TYPE_CHECKING:
-    from threshold.server.frontend import Traffic
-    from threshold.server.service import TunnelServer
-
-#: The text format's content type.
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+    from threshold.server.service import ClientRecord
+    from threshold.server.stats import Traffic
 
 _STATES = (STATE_UNKNOWN, STATE_CONNECTED, STATE_CLOSED, STATE_ERROR)
+
+
+class ClientRecords(Protocol):
+    """What the collector reads of the client registry."""
+
+    def records(self) -> Sequence[ClientRecord]:
+        """Every client seen."""
+        ...
+
+
+class _Gateway(Protocol):
+    stats: GatewayStats
+    registry: ClientRecords
 
 
 class ServerCollector(Collector):
     """Everything an operator bills, alerts and plans on."""
 
-    def __init__(self, server: TunnelServer) -> None:
-        self.server = server
+    def __init__(self, stats: GatewayStats, clients: ClientRecords) -> None:
+        self.stats = stats
+        self.clients = clients
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        """Build the metric families from the server's current state."""
-        server = self.server
-        stats = server.stats
-        records = server.registry.records()
+        """Build the metric families from the gateway's current state."""
+        stats = self.stats
+        records = self.clients.records()
 
         states = GaugeMetricFamily(
             "threshold_clients", "Clients by current state.", labels=["state"]
@@ -107,13 +119,20 @@ class ServerCollector(Collector):
             GaugeMetricFamily,
             "threshold_tunnels",
             "Tunnels in force (entries of the table).",
-            len(server.routes.tunnels()),
+            stats.tunnels_in_force,
         )
         yield _one(
             GaugeMetricFamily,
             "threshold_listening_sockets",
             "Public sockets open (tunnel groups).",
-            len(server.routes.groups()),
+            stats.listening_sockets,
+        )
+        yield _one(
+            GaugeMetricFamily,
+            "threshold_tunnels_not_restored",
+            "Entries of the state file that could not be restored at start "
+            "(until the tunnel set changes).",
+            stats.restore_failures,
         )
         yield _one(
             CounterMetricFamily,
@@ -130,14 +149,12 @@ class ServerCollector(Collector):
 
         refused = CounterMetricFamily(
             "threshold_public_connections_refused",
-            "Internet-user connections closed without being relayed, by reason.",
+            "Internet-user connections the gateway closed, by reason: before "
+            "relaying, or (limit_idle, limit_first_byte) while relayed but idle.",
             labels=["reason"],
         )
-        refused.add_metric(["no_route"], stats.refused_no_route)
-        refused.add_metric(["client_not_connected"], stats.refused_no_client)
-        refused.add_metric(["sni_timeout"], stats.sni_timeouts)
-        for which, count in sorted(stats.refused_limit.items()):
-            refused.add_metric([f"limit_{which}"], count)
+        for reason in Refusal:
+            refused.add_metric([reason.value], stats.refused[reason])
         yield refused
 
         yield _one(
@@ -152,17 +169,15 @@ class ServerCollector(Collector):
             "Tunnel-client handshakes refused, by reason.",
             labels=["reason"],
         )
-        for reason in ("bad_hello", "identity", "server_full", "timeout", "closed"):
-            handshakes.add_metric(
-                [reason], server.handshake_failure_reasons.get(reason, 0)
-            )
+        for failure in HandshakeFailure:
+            handshakes.add_metric([failure.value], stats.handshake_failures[failure])
         yield handshakes
 
         limits = CounterMetricFamily(
             "threshold_limits_hit", "Times each limit was hit.", labels=["limit"]
         )
-        for name, count in sorted(server.limits_hit.items()):
-            limits.add_metric([name], count)
+        for name, count in sorted(stats.limits_hit.items()):
+            limits.add_metric([str(name)], count)
         yield limits
 
     def _traffic(
@@ -214,10 +229,10 @@ def _one(
     return metric
 
 
-def server_registry(server: TunnelServer) -> CollectorRegistry:
-    """A registry holding the server's collector (and nothing global)."""
+def server_registry(server: _Gateway) -> CollectorRegistry:
+    """A registry holding the gateway's collector (and nothing global)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerCollector(server))
+    registry.register(ServerCollector(server.stats, server.registry))
     return registry
 
 

@@ -50,6 +50,9 @@ class Refusal(StrEnum):
     #: The tunnel's client is not connected, its session is closing or
     #: full, or opening the stream failed.
     CLIENT_NOT_CONNECTED = "client_not_connected"
+    #: The tunnel cannot be served (its opening cannot be built) or relaying
+    #: into the stream failed; the stream, if opened, is reset.
+    TUNNEL_ERROR = "tunnel_error"
     #: No complete ClientHello within SniReadTimeoutSeconds.
     SNI_TIMEOUT = "sni_timeout"
     #: MaxConnectionsPerTunnel reached.
@@ -70,7 +73,13 @@ class Limit(StrEnum):
     CONNECTIONS_PER_SOURCE_IP = "connections_per_source_ip"
     STREAMS_PER_SESSION = "streams_per_session"
     PENDING_HANDSHAKES = "pending_handshakes"
+    PENDING_HANDSHAKES_PER_SOURCE = "pending_handshakes_per_source"
     MANAGEMENT_BODY = "management_body"
+    #: MaxPendingManagementConnections(PerSourceIp): connections without a
+    #: complete first request; and ManagementRequestTimeoutSeconds.
+    PENDING_MANAGEMENT = "pending_management_connections"
+    PENDING_MANAGEMENT_PER_SOURCE = "pending_management_connections_per_source"
+    MANAGEMENT_REQUEST_TIMEOUT = "management_request_timeout"
     #: A ClientHello over MaxClientHelloBytes, or over the record/read bound.
     CLIENT_HELLO = "client_hello"
 

@@ -1,19 +1,21 @@
 """Read the SNI host name from the start of a TLS connection.
 
 The front end routes a TLS connection by name without terminating TLS: it
-buffers what the user sends first, calls :func:`parse_client_hello` on the
-whole buffer after every segment, and replays the buffer to the backend once
-the answer is known. Pure code: no reactor, no I/O.
+feeds what the user sends first to one :class:`ClientHelloParser`, segment
+by segment, and replays the bytes to the backend once the answer is known.
+Pure code: no reactor, no I/O.
 
 The parser is incremental and bounded. It walks the TLS records (RFC 8446,
-5.1) from the first byte, reassembles the handshake message when a client
+5.1) as bytes arrive, reassembles the handshake message when a client
 splits it over several records, and looks at nothing past the end of the
 ClientHello, so its answer never changes as more bytes arrive: it is
 :class:`NeedMore` until the hello is complete, then the same :class:`Hello`
-or :class:`NotTls` whatever follows. Only the 5-byte record headers are read
-until the hello is complete, and only then is the message copied, once, if
-it was split over records. A hello that would need more than ``max_size``
-bytes of the buffer, record headers included, is refused.
+or :class:`NotTls` whatever follows. Its work is linear in the bytes fed,
+whatever the record and segment sizes: only the 5-byte record headers are
+read until the hello is complete, and only then is the message copied,
+once. A hello that would need more than ``max_size`` bytes, record headers
+included, or more than ``max_records`` records, is refused.
+:func:`parse_client_hello` is the same parser applied to one buffer.
 
 Malformed input cannot raise: every read is bounds-checked by
 :class:`_Cursor`, which reports a short vector with the internal
@@ -23,11 +25,13 @@ Malformed input cannot raise: every read is bounds-checked by
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeAlias
 
 __all__ = [
+    "DEFAULT_MAX_RECORDS",
     "DEFAULT_MAX_SIZE",
+    "ClientHelloParser",
     "Hello",
     "NeedMore",
     "NotTls",
@@ -38,6 +42,11 @@ __all__ = [
 # Bytes a hello may occupy, record headers included. Real hellos are well
 # under 2 KiB, post-quantum key shares included; 16 KiB is one full record.
 DEFAULT_MAX_SIZE = 16384
+
+# Records a hello may span on a connection. Real stacks use one (four for a
+# 64 KiB hello); tools that split hellos to defeat filters use tens. Parsing
+# is linear anyway: this bounds the per-record work to a constant.
+DEFAULT_MAX_RECORDS = 256
 
 _RECORD_HEADER = 5
 _HANDSHAKE_HEADER = 4
@@ -68,9 +77,14 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class NotTls:
-    """The bytes are not a TLS ClientHello; ``reason`` says what was wrong."""
+    """The bytes are not a TLS ClientHello; ``reason`` says what was wrong.
+
+    ``bounded`` is true when a bound (size, records) gave the answer rather
+    than the bytes themselves; it takes no part in comparisons.
+    """
 
     reason: str
+    bounded: bool = field(default=False, compare=False)
 
 
 Result: TypeAlias = NeedMore | Hello | NotTls
@@ -134,8 +148,155 @@ class _Cursor:
         return bytes(self.buf[start : self.end])
 
 
+class ClientHelloParser:
+    """Parse a connection's first bytes as they arrive: :meth:`feed` each chunk.
+
+    The work is linear in the bytes fed, whatever the record and chunk
+    sizes: each chunk is appended once, and parsing resumes where it
+    stopped (at most the current record's 9 header bytes are looked at
+    again). ``max_size`` bounds the bytes the hello may occupy, record
+    headers included; ``max_records`` (None: no bound) the records it may
+    span. Past either the answer is a bounded :class:`NotTls`.
+
+    ``buffer`` holds every byte fed until the answer is known (at most
+    ``max_size`` plus the last chunk), for the caller to replay; ``work``
+    counts the bytes and record steps examined, for tests of the bound.
+    """
+
+    __slots__ = (
+        "max_size",
+        "max_records",
+        "buffer",
+        "result",
+        "work",
+        "records",
+        "_pos",
+        "_got",
+        "_total",
+        "_header",
+        "_spans",
+    )
+
+    def __init__(
+        self, max_size: int = DEFAULT_MAX_SIZE, max_records: int | None = None
+    ) -> None:
+        self.max_size = max_size
+        self.max_records = max_records
+        self.buffer = bytearray()
+        #: NeedMore until the answer is known; then it never changes.
+        self.result: Result = _NEED_MORE
+        self.work = 0
+        #: Records walked through so far.
+        self.records = 0
+        self._pos = 0  # start of the current record
+        self._got = 0  # message bytes located so far
+        self._total: int | None = None  # message length, once known
+        self._header = b""  # handshake header bytes of completed records
+        self._spans: list[tuple[int, int]] = []  # the message within buffer
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Result:
+        """Add the next chunk; return the answer so far (never raises)."""
+        if self.result is not _NEED_MORE:
+            return self.result
+        self.buffer += data
+        self.work += len(data)
+        self.result = self._walk()
+        return self.result
+
+    def _walk(self) -> Result:
+        """Resume the record walk; commit state only as records complete."""
+        buf = self.buffer
+        size = len(buf)
+        max_size = self.max_size
+
+        def short(end: int) -> Result | None:
+            """Refuse or wait when ``buf[:end]`` is needed and not all there."""
+            if end > max_size:
+                return NotTls(f"ClientHello larger than {max_size} bytes", True)
+            if end > size:
+                return _NEED_MORE
+            return None
+
+        while self._total is None or self._got < self._total:
+            pos = self._pos
+            self.work += 1
+            if self.max_records is not None and self.records >= self.max_records:
+                return NotTls(
+                    f"ClientHello spread over more than {self.max_records} records",
+                    True,
+                )
+            if stop := short(pos + 1):
+                return stop
+            if buf[pos] != _CONTENT_HANDSHAKE:
+                return NotTls(_record_type_reason(buf[pos], pos))
+            if stop := short(pos + 3):
+                return stop
+            if buf[pos + 1] != 3:
+                return NotTls(
+                    f"record version {buf[pos + 1]}.{buf[pos + 2]} at byte {pos}"
+                    " is not 3.x"
+                )
+            if stop := short(pos + _RECORD_HEADER):
+                return stop
+            length = (buf[pos + 3] << 8) | buf[pos + 4]
+            if length == 0:
+                return NotTls(f"handshake record at byte {pos} is empty")
+            if length > _MAX_RECORD:
+                return NotTls(
+                    f"record length {length} at byte {pos} exceeds the TLS limit"
+                    f" of {_MAX_RECORD}"
+                )
+            start = pos + _RECORD_HEADER
+            header = self._header
+            total = self._total
+            if total is None:
+                # The 4-byte handshake header may itself span tiny records.
+                count = min(_HANDSHAKE_HEADER - len(header), length)
+                if stop := short(start + count):
+                    return stop
+                header += buf[start : start + count]
+                if header[0] != _HANDSHAKE_CLIENT_HELLO:
+                    return NotTls(
+                        f"handshake type {header[0]} is not ClientHello"
+                        f" ({_HANDSHAKE_CLIENT_HELLO})"
+                    )
+                if len(header) == _HANDSHAKE_HEADER:
+                    total = _HANDSHAKE_HEADER + int.from_bytes(header[1:], "big")
+                    if total > max_size:
+                        return NotTls(
+                            f"ClientHello larger than {max_size} bytes"
+                            f" ({total} declared)",
+                            True,
+                        )
+            take = length if total is None else min(length, total - self._got)
+            if stop := short(start + take):
+                return stop
+            # The record is complete as far as the message goes: commit.
+            self._header = header
+            self._total = total
+            self._spans.append((start, start + take))
+            self._got += take
+            self._pos = start + length
+            self.records += 1
+
+        spans = self._spans
+        if len(spans) == 1:
+            message = memoryview(bytes(buf[spans[0][0] : spans[0][1]]))
+        else:
+            message = memoryview(b"".join(buf[a:b] for a, b in spans))
+        self.work += len(message)
+        try:
+            return _parse_body(
+                _Cursor(message, _HANDSHAKE_HEADER, self._got, "ClientHello")
+            )
+        except _Malformed as e:
+            return NotTls(str(e))
+
+
 def parse_client_hello(
-    data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_SIZE
+    data: bytes | bytearray | memoryview,
+    max_size: int = DEFAULT_MAX_SIZE,
+    max_records: int | None = None,
 ) -> Result:
     """Parse everything received so far on a connection as a TLS ClientHello.
 
@@ -143,79 +304,11 @@ def parse_client_hello(
     raises for any ``data``. ``max_size`` bounds the bytes of ``data`` the
     hello may occupy: past it the answer is :class:`NotTls`, so a caller
     that buffers until the answer is not :class:`NeedMore` buffers at most
-    ``max_size`` bytes (plus one segment).
+    ``max_size`` bytes (plus one segment). A connection should use one
+    :class:`ClientHelloParser` instead: calling this on a growing buffer
+    re-reads it from the start each time.
     """
-    view = memoryview(data).cast("B")
-    size = len(view)
-
-    def short(end: int) -> Result | None:
-        """Refuse or wait when ``data[:end]`` is needed and not all there."""
-        if end > max_size:
-            return NotTls(f"ClientHello larger than {max_size} bytes")
-        if end > size:
-            return _NEED_MORE
-        return None
-
-    pos = 0  # start of the current record
-    spans: list[tuple[int, int]] = []  # where the message's bytes lie in data
-    got = 0  # message bytes located so far
-    total: int | None = None  # message length, once its header is read
-    header = b""
-    while total is None or got < total:
-        if stop := short(pos + 1):
-            return stop
-        if view[pos] != _CONTENT_HANDSHAKE:
-            return NotTls(_record_type_reason(view[pos], pos))
-        if stop := short(pos + 3):
-            return stop
-        if view[pos + 1] != 3:
-            return NotTls(
-                f"record version {view[pos + 1]}.{view[pos + 2]} at byte {pos}"
-                " is not 3.x"
-            )
-        if stop := short(pos + _RECORD_HEADER):
-            return stop
-        length = (view[pos + 3] << 8) | view[pos + 4]
-        if length == 0:
-            return NotTls(f"handshake record at byte {pos} is empty")
-        if length > _MAX_RECORD:
-            return NotTls(
-                f"record length {length} at byte {pos} exceeds the TLS limit"
-                f" of {_MAX_RECORD}"
-            )
-        start = pos + _RECORD_HEADER
-        if total is None:
-            # The 4-byte handshake header may itself span tiny records.
-            count = min(_HANDSHAKE_HEADER - len(header), length)
-            if stop := short(start + count):
-                return stop
-            header += view[start : start + count]
-            if header[0] != _HANDSHAKE_CLIENT_HELLO:
-                return NotTls(
-                    f"handshake type {header[0]} is not ClientHello"
-                    f" ({_HANDSHAKE_CLIENT_HELLO})"
-                )
-            if len(header) == _HANDSHAKE_HEADER:
-                total = _HANDSHAKE_HEADER + int.from_bytes(header[1:], "big")
-                if total > max_size:
-                    return NotTls(
-                        f"ClientHello larger than {max_size} bytes ({total} declared)"
-                    )
-        take = length if total is None else min(length, total - got)
-        if stop := short(start + take):
-            return stop
-        spans.append((start, start + take))
-        got += take
-        pos = start + length
-
-    if len(spans) == 1:
-        message = view[spans[0][0] : spans[0][1]]
-    else:
-        message = memoryview(b"".join(view[a:b] for a, b in spans))
-    try:
-        return _parse_body(_Cursor(message, _HANDSHAKE_HEADER, got, "ClientHello"))
-    except _Malformed as e:
-        return NotTls(str(e))
+    return ClientHelloParser(max_size, max_records).feed(data)
 
 
 def _record_type_reason(byte: int, pos: int) -> str:

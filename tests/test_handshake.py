@@ -167,6 +167,25 @@ class HelloTests(SynchronousTestCase):
         """Bytes that are not UTF-8 are refused."""
         self.assertRefused(b'{"version":1,"clientId":"\xff"}', "UTF-8")
 
+    def test_errors_name_the_field(self):
+        """Each refusal names the hello's field and shows the value briefly."""
+        self.assertRefused(
+            b'{"version": 1, "clientId": "a@b"}',
+            'hello field "clientId": expected 1 to 128 letters',
+            'got "a@b"',
+        )
+        self.assertRefused(b'{"clientId": "a"}', 'hello field "version": required')
+        self.assertRefused(
+            b'{"version": true, "clientId": "a"}', '"version"', "got true"
+        )
+        self.assertRefused(
+            b'{"version": 2, "clientId": "a"}', "unsupported hello version 2"
+        )
+        long_id = b'{"version": 1, "clientId": "' + b"\\n" * 1000 + b'"}'
+        with self.assertRaises(HandshakeError) as cm:
+            parse_hello(long_id)
+        self.assertLess(len(str(cm.exception)), 200)
+
     def test_not_json(self):
         """Text that is not JSON is refused."""
         self.assertRefused(b"hello there", "not valid JSON")

@@ -141,6 +141,8 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             MaxConnectionsPerTunnel=0,
             MaxConnectionsPerSourceIp=3,
             PublicIdleTimeoutSeconds=0,
+            PublicFirstByteTimeoutSeconds=0,
+            SourceIpv6PrefixLength=48,
             ShutdownGraceSeconds=1.5,
             ManagementSocket="mgmt.sock",
         )
@@ -175,6 +177,8 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             "max_connections_per_tunnel": 0,
             "max_connections_per_source_ip": 3,
             "public_idle_timeout_seconds": 0.0,
+            "public_first_byte_timeout_seconds": 0.0,
+            "source_ipv6_prefix_length": 48,
             "shutdown_grace_seconds": 1.5,
             "management_socket": os.path.join(self.dir, "mgmt.sock"),
             "source": "server.json",

@@ -23,8 +23,36 @@ import std_tools
 from std_services import PAGE
 from tunnel_bench import BenchError, say
 
+#: Samples per second.
+RATE = 200
 #: Samples of a busy thread with no Python code on its stack.
 NO_FRAME = "(no Python frame)"
+#: Frames every sample of a twistd process runs under: the reactor loop and
+#: the dispatch to a transport. Left out of the inclusive list.
+PLUMBING = re.compile(
+    r"^<module>|\(twisted/(scripts|application)/|\(twisted/internet/base\.py|"
+    r"EPollReactor\.doPoll|_doReadOrWrite|\(twisted/python/(log|context)\.py"
+)
+#: What a sample's stack passes through (a sample may count in several):
+#: name, pattern on the raw stack.
+BUCKETS = [
+    ("socket writes (send, in writeSomeData)", r"writeSomeData"),
+    ("accepting user connections (Port.doRead)", r"Port\.doRead"),
+    (
+        "connecting to the service",
+        r"doConnect|connectTCP|resolveAddress|Endpoint\.connect\b",
+    ),
+    (
+        "closing (connectionLost, loseConnection)",
+        r"connectionLost|_closeSocket|loseConnection",
+    ),
+    ("logging (twisted.logger, threshold.logs)", r"twisted/logger/|threshold/logs\.py"),
+    ("TLS (twisted tls.py, pyOpenSSL)", r"protocols/tls\.py|OpenSSL/"),
+    ("mux session and streams (threshold.mux)", r"threshold/mux/"),
+    ("frame codec (threshold.wire)", r"threshold/wire/"),
+    ("Deferreds", r"internet/defer\.py"),
+    ("Failure objects", r"python/failure\.py"),
+]
 _FRAME = re.compile(r"^(?P<name>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
@@ -51,6 +79,8 @@ def summarise(raw: str, top: int = 15) -> dict[str, Any]:
     """
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
+    buckets: collections.Counter[str] = collections.Counter()
+    patterns = [(name, re.compile(p)) for name, p in BUCKETS]
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -63,19 +93,32 @@ def summarise(raw: str, top: int = 15) -> dict[str, Any]:
         total += n
         own[frames[-1]] += n
         for f in set(frames):
-            inclusive[f] += n
+            if not PLUMBING.search(f):
+                inclusive[f] += n
+        if frames[-1].startswith("EPollReactor.doPoll"):
+            buckets["waiting in epoll (doPoll itself)"] += n
+        for name, pattern in patterns:
+            if pattern.search(stack):
+                buckets[name] += n
 
     def share(counter: collections.Counter[str]) -> list[tuple[str, float]]:
         return [(f, n / total) for f, n in counter.most_common(top)] if total else []
 
-    return {"samples": total, "self": share(own), "inclusive": share(inclusive)}
+    return {
+        "samples": total,
+        "self": share(own),
+        "inclusive": share(inclusive),
+        "buckets": share(buckets),
+    }
 
 
 def render(name: str, summary: dict[str, Any]) -> list[str]:
     lines = [f"{name}: {summary['samples']} samples (busy threads only)"]
+    lines.append("  stacks passing through:")
+    lines += [f"    {p:5.1%}  {f}" for f, p in summary["buckets"]]
     lines.append("  self:")
     lines += [f"    {p:5.1%}  {f}" for f, p in summary["self"]]
-    lines.append("  inclusive:")
+    lines.append("  inclusive (below the reactor loop):")
     lines += [f"    {p:5.1%}  {f}" for f, p in summary["inclusive"]]
     return lines
 
@@ -104,7 +147,7 @@ def profile_close(
         (server,), (client,) = tunnel.processes()
         for role, pid in (("server", server), ("client", client)):
             raw = outdir / f"{role}.raw"
-            argv = [program, "record", "--nonblocking", "-r", "100", "-f", "raw"]
+            argv = [program, "record", "--nonblocking", "-r", str(RATE), "-f", "raw"]
             argv += ["-o", str(raw), "-p", str(pid)]
             recorders.append(
                 (
@@ -137,7 +180,8 @@ def profile_close(
         tunnel.stop()
     lines = [
         f"py-spy, {tunnel.name}, wrk -c {connections} Connection: close, {seconds} s: "
-        f"{result.rate:.0f} connections/s while profiled (py-spy --nonblocking, 100 Hz)"
+        f"{result.rate:.0f} connections/s while profiled "
+        f"(py-spy --nonblocking, {RATE} Hz)"
     ]
     for role, raw, _ in recorders:
         if raw.exists():

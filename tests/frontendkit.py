@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import succeed
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -67,8 +67,6 @@ class UserTransport(StringTransport):
 
     def abortConnection(self) -> None:  # noqa: N802
         super().abortConnection()
-        from twisted.internet.error import ConnectionAborted
-
         self._end(Failure(ConnectionAborted()))
 
     def _end(self, reason: Failure) -> None:

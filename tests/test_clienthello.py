@@ -16,7 +16,9 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.tlshello import python_hello
 from threshold.wire.clienthello import (
+    DEFAULT_MAX_RECORDS,
     DEFAULT_MAX_SIZE,
+    ClientHelloParser,
     Hello,
     NeedMore,
     NotTls,
@@ -470,6 +472,122 @@ class NotTlsTests(SynchronousTestCase):
         for extensions, fragment in cases:
             with self.subTest(fragment):
                 self.assert_not_tls(records(hello_message(extensions)), fragment)
+
+
+class IncrementalTests(SynchronousTestCase):
+    """One parser per connection: fed chunk by chunk, linear work."""
+
+    def one_byte_records(self, size: int) -> bytes:
+        """A hello message of ``size`` bytes (SNI a.example), a byte per record."""
+        extensions = [sni_extension((0, b"a.example"))]
+        padding = size - len(hello_message([*extensions, (0x0015, b"")]))
+        message = hello_message([*extensions, (0x0015, b"\x00" * padding)])
+        self.assertEqual(len(message), size)
+        return records(message, [1])
+
+    def test_one_byte_records_fed_byte_by_byte(self):
+        """2,730 one-byte records, a byte per feed: work linear in the bytes.
+
+        Re-parsing the buffer on every feed, as the front end once did, walks
+        every record so far each time: about 22 million record steps here.
+        """
+        data = self.one_byte_records(2730)
+        self.assertEqual(len(data), 16380)
+        parser = ClientHelloParser(max_size=DEFAULT_MAX_SIZE, max_records=None)
+        for i in range(len(data) - 1):
+            self.assertEqual(parser.feed(data[i : i + 1]), NeedMore(), f"at {i}")
+        self.assertEqual(parser.feed(data[-1:]), Hello("a.example"))
+        self.assertEqual(parser.records, 2730)
+        # Each byte appended once, one resumed step per feed and per record,
+        # the message copied once.
+        self.assertLessEqual(parser.work, 3 * len(data))
+        self.assertEqual(bytes(parser.buffer), data)
+
+    def test_work_does_not_depend_on_chunking(self):
+        """The same bytes cost about the same fed whole or a byte at a time."""
+        data = self.one_byte_records(1000)
+        whole = ClientHelloParser(max_size=DEFAULT_MAX_SIZE, max_records=None)
+        self.assertEqual(whole.feed(data), Hello("a.example"))
+        pieces = ClientHelloParser(max_size=DEFAULT_MAX_SIZE, max_records=None)
+        for i in range(len(data)):
+            pieces.feed(data[i : i + 1])
+        self.assertEqual(pieces.result, Hello("a.example"))
+        self.assertLessEqual(pieces.work, whole.work + len(data))
+
+    def test_records_bounded(self):
+        """More than max_records records: a bounded NotTls, at the record past it."""
+        data = self.one_byte_records(300)
+        parser = ClientHelloParser(max_records=256)
+        result = parser.feed(data)
+        self.assertEqual(
+            result, NotTls("ClientHello spread over more than 256 records")
+        )
+        self.assertTrue(result.bounded)
+        # Known as soon as record 256 is in, without waiting for more.
+        self.assertEqual(parse_client_hello(data[: 6 * 256]), NeedMore())
+        self.assertEqual(parse_client_hello(data[: 6 * 256], max_records=256), result)
+        # Exactly at the bound it still parses.
+        fits = self.one_byte_records(256)
+        self.assertEqual(
+            ClientHelloParser(max_records=256).feed(fits), Hello("a.example")
+        )
+        self.assertEqual(DEFAULT_MAX_RECORDS, 256)
+
+    def test_bounded_flag(self):
+        """Only a bound sets ``bounded``; it takes no part in equality."""
+        hello, _ = python_hellos()["tls13"]
+        over = parse_client_hello(hello, len(hello) - 1)
+        self.assertTrue(over.bounded)
+        bad = parse_client_hello(b"GET / HTTP/1.1\r\n")
+        self.assertIsInstance(bad, NotTls)
+        self.assertFalse(bad.bounded)
+        self.assertEqual(over, NotTls(over.reason))
+
+    def test_answer_kept(self):
+        """Once answered, later feeds change nothing and are not buffered."""
+        hello, name = python_hellos()["tls12"]
+        parser = ClientHelloParser()
+        self.assertEqual(parser.feed(hello), Hello(name))
+        self.assertEqual(parser.feed(b"\x00" * 100), Hello(name))
+        self.assertEqual(bytes(parser.buffer), hello)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        label=st.sampled_from(sorted(python_hellos())),
+        sizes=st.lists(st.integers(1, 300), min_size=1, max_size=10),
+        chunks=st.lists(st.integers(1, 700), min_size=1, max_size=30),
+        max_size=st.integers(0, 3000),
+    )
+    def test_fed_in_chunks_as_parsed_whole(self, label, sizes, chunks, max_size):
+        """Any chunking answers as the pure function does on each prefix."""
+        hello, _ = python_hellos()[label]
+        framed = records(message_of(hello), sizes)
+        parser = ClientHelloParser(max_size)
+        pos, i = 0, 0
+        while pos < len(framed):
+            size = chunks[i % len(chunks)]
+            i += 1
+            result = parser.feed(framed[pos : pos + size])
+            pos += size
+            self.assertEqual(result, parse_client_hello(framed[:pos], max_size))
+            if result != NeedMore():
+                break
+
+    @settings(max_examples=300, deadline=None)
+    @given(data=st.binary(max_size=400), cuts=st.lists(st.integers(0, 400)))
+    def test_random_bytes_in_chunks(self, data, cuts):
+        """Random bytes in random chunks never raise and match the whole answer."""
+        parser = ClientHelloParser()
+        last = 0
+        for cut in sorted(set(cuts)) + [len(data)]:
+            cut = min(cut, len(data))
+            parser.feed(data[last:cut])
+            last = cut
+        whole = parse_client_hello(data)
+        if parser.result != NeedMore():
+            self.assertEqual(parser.result, whole)
+        else:
+            self.assertEqual(whole, NeedMore())
 
 
 class SizeTests(SynchronousTestCase):

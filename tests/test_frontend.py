@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -12,19 +15,17 @@ from threshold.mux.session import MuxSession, SessionConfig
 from threshold.relay import RelayState
 from threshold.server.frontend import FrontendFactory, FrontendLimits
 from threshold.server.routes import RouteTable, parse_tunnels
+from threshold.server.sni import SniReader
 from threshold.server.stats import GatewayStats, Limit, Refusal, Traffic
 from threshold.testing import Collector, Frame, decode_frames
 from threshold.wire import frames as F
+from threshold.wire.clienthello import NeedMore, NotTls
 
 
 class OpeningTests(SynchronousTestCase):
     """What a new user connection puts on the wire."""
 
     def setUp(self):
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.defer import succeed
-        from twisted.internet.task import Clock
-
         self.routes = RouteTable(
             lambda host, port, factory: succeed(object()),
             lambda key: None,
@@ -44,8 +45,6 @@ class OpeningTests(SynchronousTestCase):
 
     def connect(self, entries, sent=b""):
         self.successResultOf(self.routes.apply(parse_tunnels(entries)))
-        from twisted.internet.task import Clock
-
         factory = FrontendFactory(
             ("127.0.0.1", 9000),
             self.routes,
@@ -270,3 +269,32 @@ class CapTests(SynchronousTestCase):
         self.assertEqual(gateway.stats.refused[Refusal.CLIENT_NOT_CONNECTED], 1)
         self.assertEqual(gateway.stats.open, 0)
         self.assertEqual(len(gateway.admission), 0)
+
+
+class SniReaderTests(SynchronousTestCase):
+    """The SNI read's bounds beyond the parser's: reads."""
+
+    def test_reads_bounded(self):
+        """A hello still incomplete after max_reads reads is no ClientHello."""
+        hello = python_hello("a.example")
+        reader = SniReader(max_reads=10)
+        for i in range(9):
+            self.assertEqual(reader.feed(hello[i : i + 1]), NeedMore())
+        result = reader.feed(hello[9:10])
+        self.assertEqual(result, NotTls("no complete ClientHello in 10 reads"))
+        self.assertTrue(result.bounded)
+        self.assertEqual(reader.feed(hello[10:]), result)
+        self.assertEqual(reader.replay(), hello[:10])
+
+    def test_bounded_hello_counted_and_replayed(self):
+        """A hello over the bound goes to "*" unchanged and counts the limit."""
+        gateway = Gateway(
+            [entry(glob="a.example"), entry(glob="*", service="other")],
+            FrontendLimits(max_hello=1024),
+        )
+        big = b"\x16\x03\x01\x07\xd0\x01\x00\x07\xcc" + b"\x00" * 1500
+        user = gateway.connect(sent=big)
+        self.assertIs(user.state, RelayState.OPEN)
+        self.assertEqual(gateway.accepted[0].data, b'{"service":"other"}\n' + big)
+        self.assertEqual(gateway.stats.limits_hit[Limit.CLIENT_HELLO], 1)
+        self.assertEqual(gateway.stats.sni_not_tls, 1)

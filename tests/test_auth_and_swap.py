@@ -19,6 +19,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from tests.support import Backend, Deployment, connect_user, free_port, tunnel
+from threshold.server.stats import HandshakeFailure
 
 
 def sleep(seconds: float):
@@ -65,10 +66,11 @@ class RefusalTests(TestCase):
         )
         server = self.deployment.server
         for _ in range(200):
-            if server.handshake_failures:
+            if server.stats.handshake_failures[HandshakeFailure.IDENTITY]:
                 break
             yield sleep(0.01)
-        self.assertGreaterEqual(server.handshake_failures, 1)
+        failures = server.stats.handshake_failures
+        self.assertGreaterEqual(failures[HandshakeFailure.IDENTITY], 1)
         self.assertFalse(server.registry.is_connected("TestClient2"))
         self.assertFalse(server.registry.is_connected("TestClient1"))
 

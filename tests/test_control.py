@@ -7,22 +7,22 @@ from collections import Counter
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from threshold.mux.interfaces import StreamAcceptor
-from threshold.mux.session import MuxSession, SessionConfig
+from threshold.mux.session import MuxSession, SessionClosed, SessionConfig
+from threshold.server.admission import RefusedConnection
 from threshold.server.control import (
-    LIMIT_PENDING,
-    LIMIT_PENDING_PER_SOURCE,
     MOVES,
     ControlFactory,
     ControlSettings,
     ControlState,
-    HandshakeFailure,
 )
 from threshold.server.registry import ClientRegistry, ClientState
+from threshold.server.stats import HandshakeFailure, Limit
 from threshold.testing import Collector
 from threshold.wire.handshake import MAX_LINE, encode_hello
 
@@ -32,13 +32,13 @@ QUIET = SessionConfig(keepalive_interval=0)
 class Counters:
     def __init__(self) -> None:
         self.failures: Counter[HandshakeFailure] = Counter()
-        self.limits: Counter[str] = Counter()
+        self.limits: Counter[Limit] = Counter()
 
     def handshake_failed(self, reason: HandshakeFailure) -> None:
         self.failures[reason] += 1
 
-    def limit_hit(self, name: str) -> None:
-        self.limits[name] += 1
+    def limit_hit(self, limit: Limit) -> None:
+        self.limits[limit] += 1
 
 
 class Gateway:
@@ -185,12 +185,13 @@ class HandshakeTests(SynchronousTestCase):
     def test_streams_before_hello_refused(self):
         """Until the hello is accepted, no stream other than 1 is accepted."""
         client, session, pump = self.gw.dial()
-        client._next_id = 3  # skip stream 1
+        client.open_stream(Collector()).write(b'{"version": 1')
         other = Collector()
         client.open_stream(other).write(b"x")
         pump.flush()
         self.assertIsNotNone(other.lost)
         self.assertEqual(self.gw.registry.snapshot(), {})
+        self.assertIs(self.gw.control(session).state, ControlState.READING_HELLO)
 
     def test_client_streams_after_hello_refused(self):
         """Client-opened streams other than 1 are reserved, so refused."""
@@ -229,9 +230,9 @@ class HandshakeTests(SynchronousTestCase):
         hello(c2, p2)
         p1.flush()
         self.assertIs(self.gw.registry.session_for("TestClient1"), s2)
-        # The old one got Go Away: it refuses new streams and closes once its
+        # The old one got Go Away: it opens no new stream and closes once its
         # last stream is done (here stream 1, reset after the linger time).
-        self.assertTrue(c1._remote_go_away)
+        self.assertRaises(SessionClosed, c1.open_stream, Collector())
         self.gw.clock.advance(s1.config.stream_linger + 1)
         p1.flush()
         self.assertTrue(c1.closed)
@@ -348,20 +349,25 @@ class AdmissionTests(SynchronousTestCase):
         """Past MaxPendingHandshakes, new control connections are refused."""
         gw = Gateway(max_pending_handshakes=2, max_pending_per_source=0)
         address = IPv4Address("TCP", "10.0.0.1", 1)
-        self.assertIsNotNone(gw.factory.buildProtocol(address))
-        self.assertIsNotNone(gw.factory.buildProtocol(address))
-        self.assertIsNone(gw.factory.buildProtocol(address))
-        self.assertEqual(gw.counters.limits, {LIMIT_PENDING: 1})
+        self.assertIsInstance(gw.factory.buildProtocol(address), MuxSession)
+        self.assertIsInstance(gw.factory.buildProtocol(address), MuxSession)
+        refused = gw.factory.buildProtocol(address)
+        self.assertIsInstance(refused, RefusedConnection)
+        self.assertEqual(gw.counters.limits, {Limit.PENDING_HANDSHAKES: 1})
+        transport = StringTransport()
+        refused.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
 
     def test_per_source_share(self):
         """One source gets its share of pending slots; another still gets in."""
         gw = Gateway(max_pending_per_source=3)
         for _ in range(3):
             gw.dial("10.0.0.2")
-        self.assertIsNone(
-            gw.factory.buildProtocol(IPv4Address("TCP", "10.0.0.2", 40001))
+        self.assertIsInstance(
+            gw.factory.buildProtocol(IPv4Address("TCP", "10.0.0.2", 40001)),
+            RefusedConnection,
         )
-        self.assertEqual(gw.counters.limits, {LIMIT_PENDING_PER_SOURCE: 1})
+        self.assertEqual(gw.counters.limits, {Limit.PENDING_HANDSHAKES_PER_SOURCE: 1})
         client, session, pump = gw.dial("10.0.0.3")
         self.assertEqual(json.loads(hello(client, pump).data), {"ok": True})
 
@@ -371,7 +377,7 @@ class AdmissionTests(SynchronousTestCase):
         client, session, pump = gw.dial()
         hello(client, pump)
         self.assertEqual(len(gw.factory.pending), 0)
-        self.assertIsNotNone(gw.factory.buildProtocol(None))
+        self.assertIsInstance(gw.factory.buildProtocol(None), MuxSession)
 
     def test_refused_connection_holds_its_slot_until_closed(self):
         """A refused connection's socket counts until the session ends."""
@@ -396,5 +402,5 @@ class AdmissionTests(SynchronousTestCase):
             p.flush()
         self.assertTrue(dials[0][0].closed)
         self.assertFalse(dials[1][0].closed)
-        self.assertEqual(gw.counters.limits, {LIMIT_PENDING: 1})
+        self.assertEqual(gw.counters.limits, {Limit.PENDING_HANDSHAKES: 1})
         self.assertEqual(json.loads(hello(client, pump).data), {"ok": True})

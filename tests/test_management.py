@@ -1,7 +1,8 @@
-"""Tests for threshold.management: every route and status of the API."""
+"""The management API (threshold.server.api) and its Site (threshold.server.site)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 from typing import Any
@@ -9,20 +10,32 @@ from typing import Any
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import (
     SSL4ServerEndpoint,
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,
 )
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from threshold.server.api import ManagementAPI, management_site
-from threshold.server.routes import RouteTable
+from threshold.server.admission import RefusedConnection
+from threshold.server.api import ManagementAPI
+from threshold.server.routes import RouteTable, TunnelError, parse_tunnels
+from threshold.server.site import (
+    CLOSE_GRACE,
+    ManagementChannel,
+    ManagementLimits,
+    management_site,
+)
+from threshold.server.stats import Limit
 
 URL = "http://management.invalid"
 JSON = {b"content-type": [b"application/json"]}
@@ -242,6 +255,57 @@ class StubTests(SynchronousTestCase):
         )
         self.assertEqual(table.tunnels(), [])
 
+    def test_tunnels_status(self):
+        """GET /tunnels/status: the tunnels in force and none left out."""
+        self.put([TUNNEL])
+        code, headers, content = self.request("GET", "/tunnels/status")
+        self.assertEqual(code, 200)
+        body = json.loads(content)
+        self.assertEqual(list(body), ["Tunnels", "NotRestored"])
+        self.assertEqual(body["Tunnels"], [dict(TUNNEL, HaProxyProxyProtocolVersion=1)])
+        self.assertEqual(body["NotRestored"], [])
+
+    def test_tunnels_status_after_partial_restore(self):
+        """Saved tunnels that could not be bound at start are listed with why;
+        GET /tunnels stays the plain list of what is in force."""
+
+        def listen(host, port, factory):
+            if port == 9001:
+                raise CannotListenError(host, port, OSError(errno.EADDRINUSE, "x"))
+            return succeed(FakePort())
+
+        api, table = make_api(listen)
+        self.treq = StubTreq(api.app.resource())
+        saved = parse_tunnels([dict(TUNNEL, ListenPort=p) for p in (9000, 9001)])
+        self.successResultOf(table.restore(saved))
+        code, _, content = self.request("GET", "/tunnels/status")
+        body = json.loads(content)
+        self.assertEqual(body["Tunnels"], [saved[0].to_json()])
+        self.assertEqual(
+            body["NotRestored"],
+            [
+                {
+                    "Index": 1,
+                    "Tunnel": saved[1].to_json(),
+                    "Error": "entry 1: address 127.0.0.1:9001 already in use",
+                    "Field": "ListenPort",
+                }
+            ],
+        )
+        code, _, content = self.request("GET", "/tunnels")
+        self.assertEqual(json.loads(content), [saved[0].to_json()])
+
+    def test_put_not_saved_is_503(self):
+        """A set the server cannot save is 503 with the reason."""
+
+        def apply(tunnels):
+            raise TunnelError(503, "not applied: the tunnel set cannot be saved: x")
+
+        api, _ = make_api(apply=apply)
+        self.treq = StubTreq(api.app.resource())
+        body = self.assertJsonError(self.put([TUNNEL]), 503)
+        self.assertIn("cannot be saved", body["error"])
+
     def test_put_too_large(self):
         """A body over max_body_bytes is 413 and is not applied."""
         api, table = make_api(max_body_bytes=100)
@@ -379,7 +443,7 @@ class BodyLimitTests(ServedTestCase):
             b"Content-Length: 10000000000\r\n\r\n[{}, {}, {",
         )
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
-        self.assertEqual(self.hits, ["management_body"])
+        self.assertEqual(self.hits, [Limit.MANAGEMENT_BODY])
         self.assertNotIn(b"100 Continue", answer)
         head, _, body = answer.partition(b"\r\n\r\n")
         self.assertIn(b"Content-Type: application/json", head)
@@ -494,3 +558,96 @@ class CertificateTests(ServedTestCase):
         with self.assertRaises(Exception) as cm:
             await client.get(f"https://127.0.0.1:{port}/ping")
         self.assertNotIsInstance(cm.exception, AssertionError)
+
+
+class SiteLimitTests(SynchronousTestCase):
+    """The Site's connection shares and deadlines, in memory."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.hits: list[Limit] = []
+        api, self.table = make_api(limit_hit=self.hits.append)
+        self.limits = ManagementLimits(
+            max_pending=3, max_pending_per_source=2, request_timeout=5
+        )
+        self.site = management_site(api, self.limits, self.clock)
+
+    def connect(self, host: str = "10.0.0.1"):
+        address = IPv4Address("TCP", host, 50000)
+        protocol = self.site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_first_request_deadline(self):
+        """No complete request head within the timeout: closed, then cut."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /ping HTTP/1.1\r\nHost: x\r\n")
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.hits, [Limit.MANAGEMENT_REQUEST_TIMEOUT])
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(CLOSE_GRACE)
+        self.assertTrue(transport.disconnected)
+
+    def test_request_in_time_is_served(self):
+        """A request head in time is served and frees the pending slot."""
+        channel, transport = self.connect()
+        self.assertEqual(len(self.site.pending), 1)
+        channel.dataReceived(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"pong", transport.value())
+        self.assertEqual(len(self.site.pending), 0)
+        self.clock.advance(30)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.hits, [])
+
+    def test_per_source_share(self):
+        """A source past its share is cut at once; another source is not."""
+        self.connect("10.0.0.2")
+        self.connect("10.0.0.2")
+        refused, transport = self.connect("10.0.0.2")
+        self.assertIsInstance(refused, RefusedConnection)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.hits, [Limit.PENDING_MANAGEMENT_PER_SOURCE])
+        channel, transport = self.connect("10.0.0.1")
+        self.assertFalse(transport.disconnecting)
+
+    def test_newcomer_takes_a_slot_back(self):
+        """At the total, a newcomer from a small source cuts the oldest
+        connection of the largest one."""
+        first, first_transport = self.connect("10.0.0.2")
+        self.connect("10.0.0.2")
+        self.connect("10.0.0.3")
+        channel, transport = self.connect("10.0.0.1")
+        self.assertIsInstance(channel, ManagementChannel)
+        self.assertTrue(first_transport.disconnected)
+        self.assertEqual(self.hits, [Limit.PENDING_MANAGEMENT])
+        # Cut connections give their slot back once gone (here: at once).
+        first.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.site.pending), 3)
+
+    def test_lost_connection_frees_its_slot(self):
+        """A pending connection that goes away frees its slot and timers."""
+        channel, transport = self.connect()
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.site.pending), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_413_closes_and_cuts(self):
+        """After a 413 the connection is closed and cut after CLOSE_GRACE."""
+        api, _ = make_api(max_body_bytes=1024)
+        site = management_site(api, self.limits, self.clock)
+        address = IPv4Address("TCP", "10.0.0.1", 50000)
+        channel = site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            b"PUT /tunnels HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n"
+            b"Content-Type: application/json\r\n\r\n"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(transport.disconnecting)
+        self.clock.advance(CLOSE_GRACE)
+        self.assertTrue(transport.disconnected)

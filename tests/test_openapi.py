@@ -23,7 +23,13 @@ from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SynchronousTestCase
 
 from threshold.server.api import ManagementAPI
-from threshold.server.routes import RouteTable, Tunnel, TunnelError, parse_tunnels
+from threshold.server.routes import (
+    NotRestored,
+    RouteTable,
+    Tunnel,
+    TunnelError,
+    parse_tunnels,
+)
 from threshold.server.service import (
     STATE_CLOSED,
     STATE_CONNECTED,
@@ -300,10 +306,13 @@ class Harness:
         apply: Callable[..., Any] | None = None,
         metrics: Callable[[], bytes] | None = lambda: b"# TYPE x gauge\nx 1\n",
         tunnels: Callable[[], list[Tunnel]] | None = None,
+        restore: list[Tunnel] | None = None,
         **kwargs: Any,
     ) -> StubTreq:
         clients = clients if clients is not None else registry()
         table = RouteTable(fake_listen, lambda key: Factory(), clients.is_connected)
+        if restore is not None:
+            self.case.successResultOf(table.restore(restore))
         if tunnels is not None:
             table.tunnels = tunnels  # type: ignore[method-assign]
         api = ManagementAPI(table, clients, apply=apply, metrics=metrics, **kwargs)
@@ -354,6 +363,10 @@ def drive(case: SynchronousTestCase) -> Harness:
     h.request(ok, "PUT", "/tunnels", SPEC_EXAMPLE_REQUEST)
     h.request(ok, "GET", "/tunnels")
     h.request(ok, "GET", "/metrics")
+    h.request(ok, "GET", "/tunnels/status")
+    # A restore that could not bind one saved entry.
+    saved = parse_tunnels([TUNNEL, dict(TUNNEL, ListenPort=BUSY_PORT)])
+    h.request(h.api(restore=saved), "GET", "/tunnels/status")
     h.request(ok, "PUT", "/tunnels", [])
     # 400: an invalid field, an unknown field, a duplicate route.
     h.request(ok, "PUT", "/tunnels", [dict(TUNNEL, ListenPort=70000)])
@@ -387,6 +400,7 @@ def drive(case: SynchronousTestCase) -> Harness:
 
     h.request(h.api(clients=Broken()), "GET", "/clients")
     h.request(h.api(tunnels=broken_tunnels), "GET", "/tunnels")
+    h.request(h.api(tunnels=broken_tunnels), "GET", "/tunnels/status")
     h.request(h.api(metrics=broken_metrics), "GET", "/metrics")
     h.request(
         h.api(apply=lambda tunnels: fail(ZeroDivisionError("broken on purpose"))),
@@ -394,6 +408,9 @@ def drive(case: SynchronousTestCase) -> Harness:
         "/tunnels",
         [TUNNEL],
     )
+    # 503: the set cannot be saved to the state file.
+    not_saved = TunnelError(503, "not applied: the tunnel set cannot be saved: x")
+    h.request(h.api(apply=lambda tunnels: fail(not_saved)), "PUT", "/tunnels", [])
     case.flushLoggedErrors(ZeroDivisionError)
     return h
 
@@ -556,7 +573,19 @@ class AnswersTests(SynchronousTestCase):
         put = set(operations(SPEC)[("/tunnels", "PUT")]["responses"])
         self.assertEqual(
             put,
-            {"200", "400", "403", "404", "409", "413", "415", "422", "500", "default"},
+            {
+                "200",
+                "400",
+                "403",
+                "404",
+                "409",
+                "413",
+                "415",
+                "422",
+                "500",
+                "503",
+                "default",
+            },
         )
 
     def test_every_success_request_validates(self):
@@ -662,6 +691,16 @@ class FieldsTests(SynchronousTestCase):
         properties = self.schema("ClientState")["properties"]
         for name in ("CurrentState", "LastState"):
             self.assertEqual(set(properties[name]["enum"]), states)
+
+    def test_not_restored_fields(self):
+        """NotRestored lists exactly the fields NotRestored.to_json() writes."""
+        entry = parse_tunnels([TUNNEL])[0]
+        error = TunnelError(409, "in use", index=0, field="ListenPort")
+        written = NotRestored(0, entry, error).to_json()
+        schema = self.schema("NotRestored")
+        self.assertEqual(list(schema["properties"]), list(written))
+        self.assertEqual(schema["required"], list(written))
+        validate(SPEC, schema, written)
 
     def test_error_fields(self):
         """The Error schema has the fields TunnelError.to_json() writes."""

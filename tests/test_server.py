@@ -22,6 +22,7 @@ from threshold.server.service import (
     read_state,
     write_state,
 )
+from threshold.server.stats import HandshakeFailure
 from threshold.testing import Collector
 from threshold.wire.handshake import encode_hello
 
@@ -109,8 +110,9 @@ class ControlTests(SynchronousTestCase):
         bad, _, bad_pump = dial(server, clock)
         bad.open_stream(Collector()).write(b"nope\n")
         bad_pump.flush()
-        self.assertEqual(server.handshake_failures, 1)
-        self.assertEqual(server.handshake_failure_reasons["bad_hello"], 1)
+        self.assertEqual(
+            server.stats.handshake_failures, {HandshakeFailure.BAD_HELLO: 1}
+        )
 
 
 class SaveTests(SynchronousTestCase):

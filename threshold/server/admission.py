@@ -8,6 +8,10 @@ a socket each. :class:`SourceShares` caps them in total and per source
 oldest connection of the source holding the most, when that source holds
 at least two more than the newcomer's: many sources together can then
 delay each other, but not lock out a source that holds few. Pure: no reactor.
+
+A factory refuses with :class:`RefusedConnection`, not ``None``: under
+TLS (``TLSMemoryBIOFactory`` wraps the factory) a ``None`` is not closed
+but left open, unserved and untimed.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import enum
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Admission", "Refusal", "SourceShares"]
+from twisted.internet.protocol import Protocol
+
+__all__ = ["Admission", "Refusal", "RefusedConnection", "SourceShares"]
 
 T = TypeVar("T")
 
@@ -102,3 +108,11 @@ class SourceShares(Generic[T]):
         if len(largest) < newcomer_holds + 2:
             return None
         return next(iter(largest))
+
+
+class RefusedConnection(Protocol):
+    """What a factory builds for a connection it refuses: cut at once."""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        """Abort: nothing is read, nothing is answered."""
+        self.transport.abortConnection()

@@ -1,12 +1,13 @@
 """The management API: a Klein resource over the route table and the clients.
 
-``GET /ping``, ``GET /clients``, ``GET /tunnels`` and ``PUT /tunnels`` (see
-docs/api.md). Every answer but ``/ping`` is JSON; every error is a JSON
-object ``{"error": "..."}`` with a status code that says what went wrong.
-The API changes state only through ``RouteTable.apply``.
+``GET /ping``, ``GET /clients``, ``GET /tunnels``, ``GET /tunnels/status``,
+``PUT /tunnels`` and ``GET /metrics`` (see docs/api.md). Every answer but
+``/ping`` and ``/metrics`` is JSON; every error is a JSON object
+``{"error": "..."}`` with a status code that says what went wrong. The API
+changes state only through ``RouteTable.apply``.
 
-Serve it with ``management_site(api)``: its requests refuse an oversized
-body as soon as it is announced or counted, before it is buffered.
+Serve it with :func:`threshold.server.site.management_site`, which refuses
+an oversized body before it is buffered and bounds what connections hold.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from threshold.server.routes import RouteTable, Tunnel, TunnelError, parse_tunnels
+from threshold.server.stats import Limit
 from threshold.tls import peer_common_name
 from threshold.wire import strictjson
 
@@ -31,7 +32,6 @@ __all__ = [
     "ApiError",
     "ClientsView",
     "ManagementAPI",
-    "management_site",
 ]
 
 log = Logger()
@@ -115,10 +115,10 @@ class ManagementAPI:
         require_tls_identity: bool = False,
         apply: Callable[[list[Tunnel]], Deferred[list[Tunnel]]] | None = None,
         metrics: Callable[[], bytes] | None = None,
-        limit_hit: Callable[[str], None] = lambda name: None,
+        limit_hit: Callable[[Limit], None] = lambda limit: None,
     ) -> None:
         self._routes = routes
-        #: Counts a limit hit by name (the server's counter, for metrics).
+        #: Counts a limit hit (the server's counter, for metrics).
         self.limit_hit = limit_hit
         self._metrics = metrics
         # The server passes its own apply, which also persists the new set.
@@ -177,6 +177,22 @@ class ManagementAPI:
         self._authorize(request)
         return self._json(request, 200, [t.to_json() for t in self._routes.tunnels()])
 
+    @app.route("/tunnels/status", methods=["GET"])
+    def tunnels_status(self, request: IRequest) -> bytes:
+        """The tunnels in force and the saved ones not restored at start.
+
+        Apart from ``GET /tunnels`` so that its answer stays a plain list.
+        """
+        self._authorize(request)
+        return self._json(
+            request,
+            200,
+            {
+                "Tunnels": [t.to_json() for t in self._routes.tunnels()],
+                "NotRestored": [n.to_json() for n in self._routes.not_restored()],
+            },
+        )
+
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:
         """The server's metrics in the Prometheus text format."""
@@ -207,7 +223,7 @@ class ManagementAPI:
         return self._json(request, 200, [t.to_json() for t in applied])
 
     def _too_large(self) -> ApiError:
-        self.limit_hit("management_body")
+        self.limit_hit(Limit.MANAGEMENT_BODY)
         return ApiError(413, f"the body is larger than {self.max_body_bytes} bytes")
 
     # -- errors, mapped in one place ---------------------------------------
@@ -256,90 +272,3 @@ class ManagementAPI:
             path=request.path.decode("utf-8", "replace"),
         )
         return self._json(request, 500, {"error": "internal error"})
-
-
-class _LimitedRequest(Request):
-    """A request that refuses a body over ``max_body_bytes`` without keeping it.
-
-    A declared ``Content-Length`` over the limit is refused at once; a
-    chunked body is counted as it arrives. Either way the answer is 413 and
-    the connection closes, so a huge upload is never held.
-    """
-
-    max_body_bytes = 1048576
-    limit_hit: Callable[[str], None] = staticmethod(lambda name: None)
-    _refused = False
-    _received = 0
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body_bytes:
-            # No "100 Continue": the client must not start sending the body.
-            self.requestHeaders.removeHeader(b"expect")
-            self._refuse()
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._received += len(data)
-        if self._received > self.max_body_bytes:
-            self._refuse()
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._refused:
-            return
-        super().requestReceived(command, path, version)
-
-    def _refuse(self) -> None:
-        self._refused = True
-        if self.content is not None:
-            self.content.close()
-            self.content = None
-        body = (
-            json.dumps(
-                {"error": f"the body is larger than {self.max_body_bytes} bytes"}
-            ).encode("utf-8")
-            + b"\n"
-        )
-        log.warn(
-            "management API refused a body over {limit} bytes from {peer}",
-            limit=self.max_body_bytes,
-            peer=str(self.channel.transport.getPeer()),
-        )
-        self.limit_hit("management_body")
-        # The channel has not started a response for this request, so the
-        # answer is written straight to the transport, as Twisted does for
-        # its own 400s.
-        self.channel.transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(body), body)
-        )
-        self.channel.transport.loseConnection()
-
-
-class _ManagementSite(Site):
-    """A Site that speaks only HTTP/1.1, so ``request.transport`` is the TLS one."""
-
-    def acceptableProtocols(self) -> list[bytes]:
-        return [b"http/1.1"]
-
-
-def management_site(api: ManagementAPI, timeout: float = 60) -> Site:
-    """Build the Site serving ``api``, with the body limit enforced on arrival.
-
-    ``timeout`` closes idle connections after that many seconds.
-    """
-    limited = type(
-        "LimitedRequest",
-        (_LimitedRequest,),
-        {
-            "max_body_bytes": api.max_body_bytes,
-            "limit_hit": staticmethod(api.limit_hit),
-        },
-    )
-    return _ManagementSite(api.app.resource(), requestFactory=limited, timeout=timeout)

@@ -30,7 +30,8 @@ from threshold.logs import observer as log_observer
 from threshold.mux.session import MuxSession, ProtocolViolation, SessionConfig
 from threshold.relay import tune_transport
 from threshold.server.addresses import DEFAULT_IPV6_PREFIX, source_of
-from threshold.server.admission import Refusal, SourceShares
+from threshold.server.admission import Refusal, RefusedConnection, SourceShares
+from threshold.server.stats import HandshakeFailure, Limit
 from threshold.tls import peer_common_name
 from threshold.wire.frames import GO_AWAY_NORMAL
 from threshold.wire.handshake import (
@@ -48,32 +49,14 @@ if TYPE_CHECKING:
     from threshold.server.registry import ClientRegistry
 
 __all__ = [
-    "LIMIT_PENDING",
-    "LIMIT_PENDING_PER_SOURCE",
+    "MOVES",
     "ControlConnection",
     "ControlFactory",
     "ControlSettings",
     "ControlState",
-    "HandshakeFailure",
 ]
 
 log = Logger(observer=log_observer)
-
-#: Limit names (``threshold_limits_hit``): every pending slot taken, or a
-#: newcomer took back the oldest of the largest share.
-LIMIT_PENDING = "pending_handshakes"
-#: One source holds its whole share of pending slots.
-LIMIT_PENDING_PER_SOURCE = "pending_handshakes_per_source"
-
-
-class HandshakeFailure(enum.StrEnum):
-    """Why a handshake was refused (``threshold_handshake_failures``)."""
-
-    BAD_HELLO = "bad_hello"
-    IDENTITY = "identity"
-    SERVER_FULL = "server_full"
-    TIMEOUT = "timeout"
-    CLOSED = "closed"
 
 
 class ControlState(enum.Enum):
@@ -134,8 +117,8 @@ class ControlCounters(Protocol):
     def handshake_failed(self, reason: HandshakeFailure) -> None:
         """One handshake refused, for this reason."""
 
-    def limit_hit(self, name: str) -> None:
-        """One hit of the limit ``name``."""
+    def limit_hit(self, limit: Limit) -> None:
+        """One hit of ``limit``."""
 
 
 class HelloReader(LineOnlyReceiver):
@@ -384,15 +367,15 @@ class ControlFactory(Factory):
             evict=True,
         )
 
-    def buildProtocol(self, addr: object) -> MuxSession | None:  # noqa: N802
-        """One control connection; None (closed at once) past the shares."""
+    def buildProtocol(self, addr: object) -> MuxSession | RefusedConnection:  # noqa: N802
+        """One control connection; past the shares, one cut at once."""
         source = source_of(addr, self.settings.ipv6_prefix)
         peer = describe_peer(addr)
         control = ControlConnection(self, source, peer)
         admission = self.pending.admit(source, control)
         if not admission.admitted:
             if admission.refusal is Refusal.PER_SOURCE:
-                self.counters.limit_hit(LIMIT_PENDING_PER_SOURCE)
+                self.counters.limit_hit(Limit.PENDING_HANDSHAKES_PER_SOURCE)
                 log.warn(
                     "control connection from {peer} refused: {source} has "
                     "{count} handshakes pending (MaxPendingHandshakesPerSourceIp)",
@@ -401,16 +384,16 @@ class ControlFactory(Factory):
                     count=self.pending.count(source),
                 )
             else:
-                self.counters.limit_hit(LIMIT_PENDING)
+                self.counters.limit_hit(Limit.PENDING_HANDSHAKES)
                 log.warn(
                     "control connection from {peer} refused: {count} handshakes "
                     "pending (MaxPendingHandshakes)",
                     peer=peer,
                     count=len(self.pending),
                 )
-            return None
+            return RefusedConnection()
         if admission.evicted is not None:
-            self.counters.limit_hit(LIMIT_PENDING)
+            self.counters.limit_hit(Limit.PENDING_HANDSHAKES)
             admission.evicted.evict()
         self.connections.add(control)
         return control.session

@@ -9,7 +9,6 @@ order applied, and stops gracefully.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -23,9 +22,12 @@ from threshold.server.control import (
     ControlConnection,
     ControlFactory,
     ControlSettings,
-    HandshakeFailure,
 )
-from threshold.server.frontend import FrontendFactory, FrontendLimits, FrontendStats
+from threshold.server.frontend import (
+    FrontendFactory,
+    FrontendLimits,
+    public_admission,
+)
 from threshold.server.registry import (
     STATE_CLOSED,
     STATE_CONNECTED,
@@ -43,6 +45,7 @@ from threshold.server.statefile import (
     read_state,
     write_state,
 )
+from threshold.server.stats import GatewayStats
 from threshold.wire.frames import GO_AWAY_NORMAL
 
 if TYPE_CHECKING:
@@ -103,15 +106,13 @@ class TunnelServer(Service):
         )
         self._restore = restore or []
         self.registry = ClientRegistry()
-        self.stats = FrontendStats()
-        self.handshake_failures = 0
-        self.handshake_failure_reasons: Counter[str] = Counter()
-        #: How often each limit was hit, by name.
-        self.limits_hit: Counter[str] = Counter()
+        #: Every counter of the gateway: the API, logs and metrics read it.
+        self.stats = GatewayStats()
         self.shutdown_grace = shutdown_grace
         self.limits = limits or FrontendLimits()
+        self.admission = public_admission(self.limits)
         self.routes = RouteTable(listen, self._make_factory, self.registry.is_connected)
-        self._control = ControlFactory(self.registry, settings, clock, self)
+        self._control = ControlFactory(self.registry, settings, clock, self.stats)
 
     @property
     def control_connections(self) -> set[ControlConnection]:
@@ -126,17 +127,8 @@ class TunnelServer(Service):
             self.clock,
             self.stats,
             self.limits,
-            self.limit_hit,
+            self.admission,
         )
-
-    def limit_hit(self, name: str) -> None:
-        """Count one hit of a limit (exported as a metric)."""
-        self.limits_hit[name] += 1
-
-    def handshake_failed(self, reason: HandshakeFailure) -> None:
-        """Count one refused handshake (exported as a metric)."""
-        self.handshake_failures += 1
-        self.handshake_failure_reasons[reason] += 1
 
     def control_factory(self) -> ControlFactory:
         """The factory for the tunnel control listener."""
@@ -145,7 +137,15 @@ class TunnelServer(Service):
     def apply(self, tunnels: list[Tunnel]) -> Deferred[list[Tunnel]]:
         """Apply a new tunnel set, all or nothing, saving it before the switch."""
         persist = self._save if self.state is not None else None
-        return self.routes.apply(tunnels, persist=persist)
+        d = self.routes.apply(tunnels, persist=persist)
+        d.addCallback(self._applied)
+        return d
+
+    def _applied(self, tunnels: list[Tunnel]) -> list[Tunnel]:
+        # The operator changed the set: what the restore missed is moot.
+        self.stats.tunnels_in_force = len(tunnels)
+        self.stats.restore_failures = 0
+        return tunnels
 
     def _save(self, tunnels: list[Tunnel]) -> Deferred[None]:
         assert self.state is not None
@@ -172,6 +172,8 @@ class TunnelServer(Service):
         if not tunnels:
             return
         failed = yield self.routes.restore(tunnels)
+        self.stats.tunnels_in_force = len(self.routes.tunnels())
+        self.stats.restore_failures = len(failed)
         if failed:
             log.error(
                 "state file {path}: {restored} of {count} tunnels restored, "

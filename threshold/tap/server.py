@@ -7,7 +7,11 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.endpoints import (
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    UNIXServerEndpoint,
+)
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -16,7 +20,7 @@ from threshold import logs
 from threshold.config import ConfigError, ServerConfig, load_server_config
 from threshold.logs import observer as log_observer
 from threshold.server import metrics
-from threshold.server.api import ManagementAPI, management_site
+from threshold.server.api import ManagementAPI
 from threshold.server.frontend import FrontendLimits
 from threshold.server.service import (
     ControlSettings,
@@ -24,6 +28,7 @@ from threshold.server.service import (
     TunnelServer,
     read_state,
 )
+from threshold.server.site import ManagementLimits, management_site
 from threshold.tap.common import fail, listener, server_endpoint, session_config
 from threshold.tls import CONTROL_MINIMUM_TLS, server_options
 
@@ -71,7 +76,8 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
             restore = read_state(config.state_file)
 
     def listen(host: str, port: int, factory: Any) -> Any:
-        return TCP4ServerEndpoint(reactor, port, interface=host).listen(factory)
+        endpoint = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+        return endpoint(reactor, port, interface=host).listen(factory)
 
     settings = ControlSettings(
         use_tls=config.use_tls,
@@ -79,6 +85,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         handshake_timeout=config.handshake_timeout_seconds,
         max_clients=config.max_clients,
         max_pending_handshakes=config.max_pending_handshakes,
+        max_pending_per_source=config.max_pending_handshakes_per_source_ip,
         session=session_config(config),
     )
     server = TunnelServer(
@@ -93,6 +100,8 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
             max_per_tunnel=config.max_connections_per_tunnel,
             max_per_ip=config.max_connections_per_source_ip,
             idle_timeout=config.public_idle_timeout_seconds,
+            first_byte_timeout=config.public_first_byte_timeout_seconds,
+            ipv6_prefix=config.source_ipv6_prefix_length,
         ),
         shutdown_grace=config.shutdown_grace_seconds,
     )
@@ -108,7 +117,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         max_body_bytes=config.max_management_body_bytes,
         apply=server.apply,
         metrics=partial(metrics.render, metrics.server_registry(server)),
-        limit_hit=server.limit_hit,
+        limit_hit=server.stats.limit_hit,
     )
     if config.management_socket is not None:
         # The socket file's permissions (0600) are the access control.
@@ -130,7 +139,16 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
             require_tls_identity=config.use_tls,
             **api_options,
         )
-    listener(endpoint, management_site(api)).setServiceParent(top)
+    limits = ManagementLimits(
+        max_pending=config.max_pending_management_connections,
+        # On the Unix socket every peer is the same "source".
+        max_pending_per_source=0
+        if config.management_socket is not None
+        else config.max_pending_management_connections_per_source_ip,
+        request_timeout=config.management_request_timeout_seconds,
+    )
+    site = management_site(api, limits, reactor)
+    listener(endpoint, site).setServiceParent(top)
     if not config.use_tls:
         log.warn(
             "UseTls is false: anyone who can reach port {port} can connect as "

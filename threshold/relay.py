@@ -110,10 +110,14 @@ class RelayEnd(Protocol):
             other.transport.writeSequence(outgoing)
         if incoming and self.state is not RelayState.CLOSED:
             self.transport.writeSequence(incoming)
+        # Both ends relay before either passes on an EOF or a loss it held.
         for end in (self, other):
-            end._spliced()
+            if end.state in _BEFORE_SPLICE and end.state is not RelayState.HELD_EOF:
+                end._to(RelayState.OPEN)
+        for end in (self, other):
+            end._pass_on_held_end()
 
-    def _spliced(self) -> None:
+    def _pass_on_held_end(self) -> None:
         peer = self.peer
         assert peer is not None
         if self.state is RelayState.CLOSED:
@@ -122,8 +126,6 @@ class RelayEnd(Protocol):
         elif self.state is RelayState.HELD_EOF:
             self._to(RelayState.READ_SHUT)
             peer._close_write()
-        elif self.state in _BEFORE_SPLICE:
-            self._to(RelayState.OPEN)
 
     # -- IProtocol / IHalfCloseableProtocol ---------------------------------
 

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from threshold.server.service import (
+from threshold.server.registry import (
     STATE_CLOSED,
     STATE_CONNECTED,
     STATE_ERROR,
@@ -26,7 +26,7 @@ from threshold.server.service import (
 from threshold.server.stats import GatewayStats, HandshakeFailure, Refusal
 
 if TYPE_CHECKING:
-    from threshold.server.service import ClientRecord
+    from threshold.server.registry import ClientRecord
     from threshold.server.stats import Traffic
 
 _STATES = (STATE_UNKNOWN, STATE_CONNECTED, STATE_CLOSED, STATE_ERROR)

@@ -152,7 +152,7 @@ class _RelaySide(Protocol):
         if self.other is not None:
             self.other.transport.write(data)
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
         self.pair.lost(self, reason)
         self.done.callback(None)
 
@@ -443,7 +443,7 @@ class ModeConnection(Protocol):
     def writeConnectionLost(self) -> None:  # noqa: N802
         pass
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
         self.lost = reason
         if self._tick is not None and self._tick.active():
             self._tick.cancel()

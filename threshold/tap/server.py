@@ -86,6 +86,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         max_clients=config.max_clients,
         max_pending_handshakes=config.max_pending_handshakes,
         max_pending_per_source=config.max_pending_handshakes_per_source_ip,
+        ipv6_prefix=config.source_ipv6_prefix_length,
         session=session_config(config),
     )
     server = TunnelServer(
@@ -146,6 +147,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         if config.management_socket is not None
         else config.max_pending_management_connections_per_source_ip,
         request_timeout=config.management_request_timeout_seconds,
+        ipv6_prefix=config.source_ipv6_prefix_length,
     )
     site = management_site(api, limits, reactor)
     listener(endpoint, site).setServiceParent(top)

@@ -14,8 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.clientkit import FakeEndpoint, connect, make_settings
 from threshold.client.endpoints import local_tcp_endpoint
-from threshold.client.streams import ServiceStream, StreamState
+from threshold.client.streams import ServiceStream
 from threshold.mux.stream import StreamReset
+from threshold.relay import RelayState
 from threshold.testing import Collector
 from threshold.wire.handshake import encode_stream_header
 
@@ -40,6 +41,31 @@ class ServiceStreamTests(SynchronousTestCase):
         c.server.open_stream(user).write(b"GET / HTTP/1.1\r\n\r\n")
         c.pump.flush()
         user.lost.trap(StreamReset)
+
+    def test_eof_before_header_closes(self):
+        """A stream that ends before its header line is closed, not reset."""
+        endpoint = FakeEndpoint()
+        c = connect(endpoint)
+        user = Collector()
+        stream = c.server.open_stream(user)
+        stream.write(b'{"service": ')
+        stream.loseWriteConnection()
+        c.pump.flush()
+        self.assertTrue(user.read_closed)
+        self.assertEqual(endpoint.connects, [])
+
+    def test_header_in_pieces(self):
+        """A header that arrives a byte at a time is read whole."""
+        endpoint = FakeEndpoint()
+        c = connect(endpoint)
+        stream = c.server.open_stream(Collector())
+        for byte in encode_stream_header("web") + b"hi":
+            stream.write(bytes([byte]))
+            c.pump.flush()
+        endpoint.finish()
+        c.pump.flush()
+        self.assertEqual(endpoint.connects, [("127.0.0.1", 8080)])
+        self.assertEqual(endpoint.transport.value(), b"hi")
 
     def test_local_connect_failure_reset(self):
         """A local service that refuses resets the stream."""
@@ -140,7 +166,7 @@ class ServiceStreamTests(SynchronousTestCase):
         transport.id = 3
         stream.makeConnection(transport)
         stream.connectionLost()
-        self.assertIs(stream.state, StreamState.DONE)
+        self.assertIs(stream.state, RelayState.CLOSED)
 
 
 class LocalEndpointTests(SynchronousTestCase):

@@ -10,7 +10,17 @@ import subprocess
 import sys
 from functools import partial
 
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from tests.certs import test_pki
+from threshold.tap.common import TlsServerEndpoint, server_endpoint
+from threshold.tls import server_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -173,3 +183,33 @@ class EditableInstallTests(TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("threshold-server", result.stdout)
         self.assertIn("threshold-client", result.stdout)
+
+
+class ServerEndpointTests(TestCase):
+    """Listeners are IPv4 or IPv6 as their address is, TLS when asked."""
+
+    def test_family_follows_address(self):
+        """An IPv6 address ("::" included) listens with IPv6, IPv4 with IPv4."""
+        reactor = MemoryReactor()
+        for host, kind in (
+            ("::", TCP6ServerEndpoint),
+            ("::1", TCP6ServerEndpoint),
+            ("0.0.0.0", TCP4ServerEndpoint),
+            ("127.0.0.1", TCP4ServerEndpoint),
+        ):
+            self.assertIsInstance(server_endpoint(reactor, host, 1, None), kind, host)
+
+    def test_tls_wraps_the_listener(self):
+        """With TLS options, every connection is inside TLS on that address."""
+        reactor = MemoryReactor()
+        pki = test_pki()
+        options = server_options(pki.ca_cert, pki.server_key, pki.server_cert)
+        endpoint = server_endpoint(reactor, "::", 9057, options)
+        self.assertIsInstance(endpoint, TlsServerEndpoint)
+        self.assertTrue(verifyObject(IStreamServerEndpoint, endpoint))
+        factory = Factory.forProtocol(Protocol)
+        endpoint.listen(factory)
+        [(port, wrapper, _, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (9057, "::"))
+        self.assertIsInstance(wrapper, TLSMemoryBIOFactory)
+        self.assertIs(wrapper.wrappedFactory, factory)

@@ -11,38 +11,32 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.logger import Logger
-from twisted.python import usage
 
 from threshold import logs
 from threshold.client.admin import admin_site
 from threshold.client.endpoints import local_tcp_endpoint
 from threshold.client.service import reconnecting_service
 from threshold.client.settings import ClientSettings
-from threshold.config import ClientConfig, ConfigError, load_client_config
+from threshold.config import ClientConfig, load_client_config
 from threshold.logs import observer as log_observer
-from threshold.tap.common import fail, listener, session_config
+from threshold.tap.common import (
+    ConfigFileOptions,
+    listener,
+    service_from_file,
+    session_config,
+)
 from threshold.tls import client_creator
 
 log = Logger(observer=log_observer)
 
 
-class Options(usage.Options):
-    """Command line of ``twistd threshold-client``."""
-
-    optParameters = [
-        ["config", "c", "config.json", "The client's JSON configuration file."],
-    ]
+class Options(ConfigFileOptions):
+    """Command line of ``twistd threshold-client``: ``-c client.json``."""
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:  # noqa: N802
     """Build the client: a reconnecting session to the server."""
-    if reactor is None:
-        from twisted.internet import reactor
-    try:
-        config = load_client_config(options["config"])
-        return build_client(config, reactor)
-    except ConfigError as e:
-        raise fail(str(e)) from None
+    return service_from_file(options, reactor, load_client_config, build_client)
 
 
 def build_client(config: ClientConfig, reactor: Any) -> MultiService:

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fuzz.targets import TARGETS
 from tests.tlshello import python_hello
+from threshold.testing import Frame, encode_frame
 from threshold.wire import frames as F
 from threshold.wire import handshake
 
@@ -22,7 +23,7 @@ def seeds() -> dict[str, list[bytes]]:
     frames = b"".join(
         [
             F.encode_header(F.TYPE_WINDOW_UPDATE, F.FLAG_SYN, 2, 0),
-            F.encode_frame(F.Frame(F.TYPE_DATA, 0, 2, 5, b"hello")),
+            encode_frame(Frame(F.TYPE_DATA, 0, 2, 5, b"hello")),
             F.encode_header(F.TYPE_PING, F.FLAG_SYN, 0, 7),
             F.encode_header(F.TYPE_WINDOW_UPDATE, F.FLAG_FIN, 2, 0),
             F.encode_header(F.TYPE_GO_AWAY, 0, 0, 0),

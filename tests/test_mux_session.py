@@ -24,7 +24,13 @@ from threshold.mux.session import (
     StreamLimitReached,
 )
 from threshold.mux.stream import StreamReset
-from threshold.testing import Collector, Echo, connected_sessions
+from threshold.testing import (
+    Collector,
+    Echo,
+    Frame,
+    connected_sessions,
+    decode_frames,
+)
 from threshold.wire import frames as F
 
 
@@ -44,8 +50,8 @@ def string_session(
     return session, transport, clock
 
 
-def sent_frames(transport: StringTransport) -> list[F.Frame]:
-    frames = F.decode_frames(transport.value())
+def sent_frames(transport: StringTransport) -> list[Frame]:
+    frames = decode_frames(transport.value())
     transport.clear()
     return frames
 
@@ -96,7 +102,7 @@ class StreamLifecycleTests(SynchronousTestCase):
         )
         stream = client.open_stream(Collector())
         stream.write(b"early")
-        frames = F.decode_frames(pump.clientIO.getOutBuffer())
+        frames = decode_frames(pump.clientIO.getOutBuffer())
         self.assertEqual(frames[0].type, F.TYPE_WINDOW_UPDATE)
         self.assertEqual(frames[0].flags, F.FLAG_SYN)
         self.assertEqual(frames[1].payload, b"early")
@@ -388,7 +394,7 @@ class KeepaliveTests(SynchronousTestCase):
         session, transport, clock = string_session()
         session.dataReceived(F.encode_header(F.TYPE_PING, F.FLAG_SYN, 0, 1234))
         self.assertEqual(
-            sent_frames(transport), [F.Frame(F.TYPE_PING, F.FLAG_ACK, 0, 1234)]
+            sent_frames(transport), [Frame(F.TYPE_PING, F.FLAG_ACK, 0, 1234)]
         )
 
     def test_rtt_measured_and_pings_repeat(self):
@@ -427,7 +433,7 @@ class ViolationTests(SynchronousTestCase):
         sent_frames(transport)
         session.dataReceived(wire)
         frames = sent_frames(transport)
-        self.assertIn(F.Frame(F.TYPE_GO_AWAY, 0, 0, F.GO_AWAY_PROTOCOL_ERROR), frames)
+        self.assertIn(Frame(F.TYPE_GO_AWAY, 0, 0, F.GO_AWAY_PROTOCOL_ERROR), frames)
         self.assertTrue(transport.disconnecting)
         session.connectionLost(ConnectionDone())
         self.assertRegex(str(closed[0]), message)
@@ -586,7 +592,7 @@ class WriteBacklogTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
         transport.producer.resumeProducing()
         self.assertEqual(
-            sent_frames(transport), [F.Frame(F.TYPE_PING, F.FLAG_ACK, 0, 999)]
+            sent_frames(transport), [Frame(F.TYPE_PING, F.FLAG_ACK, 0, 999)]
         )
 
     def test_control_flood_without_reading_closes(self):

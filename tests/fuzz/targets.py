@@ -18,7 +18,7 @@ from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import MuxSession, SessionConfig
 from threshold.server import routes
 from threshold.server.api import ApiError, _decode_json
-from threshold.testing import Collector
+from threshold.testing import Collector, FrameReader
 from threshold.wire import clienthello, frames, handshake
 
 
@@ -32,7 +32,7 @@ def _cuts(data: bytes) -> list[bytes]:
 
 def frames_target(data: bytes) -> None:
     """Frame decoder: FrameError or frames; a session: never an exception."""
-    reader = frames.FrameReader(max_data_length=1 << 16)
+    reader = FrameReader(max_data_length=1 << 16)
     try:
         for piece in _cuts(data):
             reader.feed(piece)

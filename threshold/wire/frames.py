@@ -11,7 +11,6 @@ partial header (11 bytes) whatever frame sizes the peer uses.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Protocol
 
 VERSION = 0
@@ -51,30 +50,14 @@ class FrameError(Exception):
     """The byte stream is not valid yamux framing; the session must end."""
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One decoded frame (used by tests and tools; the session streams)."""
-
-    type: int
-    flags: int
-    stream_id: int
-    length: int
-    payload: bytes = b""
-
-
 def encode_header(type_: int, flags: int, stream_id: int, length: int) -> bytes:
     """Encode one 12-byte frame header."""
     return _HEADER.pack(VERSION, type_, flags, stream_id, length)
 
 
-def encode_frame(frame: Frame) -> bytes:
-    """Encode a whole frame; a Data frame's length is its payload's."""
-    if frame.type == TYPE_DATA:
-        return (
-            encode_header(TYPE_DATA, frame.flags, frame.stream_id, len(frame.payload))
-            + frame.payload
-        )
-    return encode_header(frame.type, frame.flags, frame.stream_id, frame.length)
+def decode_header(header: bytes) -> tuple[int, int, int, int]:
+    """The type, flags, stream id and length of a 12-byte header (for logs)."""
+    return _HEADER.unpack(header[:HEADER_SIZE])[1:]
 
 
 def describe_flags(flags: int) -> str:
@@ -127,8 +110,14 @@ class FrameDecoder:
         self._sid = 0
         self._flags = 0
 
-    def feed(self, data: bytes) -> None:
-        """Decode everything in ``data``, keeping any incomplete header."""
+    def feed(self, data: bytes, max_frames: int = -1) -> int:
+        """Decode ``data``, keeping any incomplete header; return bytes used.
+
+        With ``max_frames`` >= 0, stop before the header that would make one
+        more than that many (a payload in progress is always finished, so
+        the bytes left over start with a header): the caller feeds the rest
+        later, which bounds the work one call can cause.
+        """
         handler = self._handler
         pos = 0
         end = len(data)
@@ -145,12 +134,15 @@ class FrameDecoder:
                 if not self._remaining:
                     handler.frame_end(self._sid, self._flags)
                 continue
+            if not max_frames:
+                return pos
+            max_frames -= 1
             if self._partial:
                 need = HEADER_SIZE - len(self._partial)
                 self._partial += data[pos : pos + need]
                 pos += need
                 if len(self._partial) < HEADER_SIZE:
-                    return
+                    return end
                 header = self._partial
                 self._partial = b""
                 version, type_, flags, sid, length = _HEADER.unpack(header)
@@ -159,8 +151,9 @@ class FrameDecoder:
                 pos += HEADER_SIZE
             else:
                 self._partial = data[pos:]
-                return
+                return end
             self._header(version, type_, flags, sid, length)
+        return end
 
     def _header(
         self, version: int, type_: int, flags: int, sid: int, length: int
@@ -182,45 +175,3 @@ class FrameDecoder:
                 self._flags = flags
             else:
                 self._handler.frame_end(sid, flags)
-
-
-class _Collector:
-    def __init__(self) -> None:
-        self.frames: list[Frame] = []
-        self._header: tuple[int, int, int, int] | None = None
-        self._payload: list[bytes] = []
-
-    def frame_header(self, type_: int, flags: int, stream_id: int, length: int) -> None:
-        if type_ == TYPE_DATA:
-            self._header = (type_, flags, stream_id, length)
-            self._payload = []
-        else:
-            self.frames.append(Frame(type_, flags, stream_id, length))
-
-    def frame_payload(self, stream_id: int, data: bytes) -> None:
-        self._payload.append(data)
-
-    def frame_end(self, stream_id: int, flags: int) -> None:
-        assert self._header is not None
-        self.frames.append(Frame(*self._header, payload=b"".join(self._payload)))
-        self._header = None
-
-
-class FrameReader:
-    """Collects whole frames from a byte stream (for tests and tools)."""
-
-    def __init__(self, max_data_length: int = MAX_UINT32) -> None:
-        self._collector = _Collector()
-        self._decoder = FrameDecoder(self._collector, max_data_length)
-
-    def feed(self, data: bytes) -> list[Frame]:
-        """Feed bytes; return the frames completed by them."""
-        self._decoder.feed(data)
-        frames = self._collector.frames
-        self._collector.frames = []
-        return frames
-
-
-def decode_frames(data: bytes, max_data_length: int = MAX_UINT32) -> list[Frame]:
-    """Decode a complete byte string of frames (for tests and tools)."""
-    return FrameReader(max_data_length).feed(data)

@@ -50,6 +50,21 @@ def string_session(
     return session, transport, clock
 
 
+def rtt_session(
+    rtt: float, client: bool = False, accept=None, **config
+) -> tuple[MuxSession, StringTransport, Clock]:
+    """A string session whose first Ping the peer answered after ``rtt``."""
+    config.setdefault("keepalive_interval", 30)
+    session, transport, clock = string_session(
+        client=client, config=SessionConfig(**config), accept=accept
+    )
+    [ping] = sent_frames(transport)
+    clock.advance(rtt)
+    session.dataReceived(F.encode_header(F.TYPE_PING, F.FLAG_ACK, 0, ping.length))
+    assert session.min_rtt == rtt
+    return session, transport, clock
+
+
 def sent_frames(transport: StringTransport) -> list[Frame]:
     frames = decode_frames(transport.value())
     transport.clear()
@@ -338,9 +353,7 @@ class FlowControlTests(SynchronousTestCase):
 
     def test_window_grows_for_fast_reader(self):
         """A reader draining windows within the RTT earns doubled windows."""
-        session, transport, clock = string_session(client=False)
-        session.rtt = 0.1
-        transport.clear()
+        session, transport, clock = rtt_session(0.1)
         session.dataReceived(F.encode_header(F.TYPE_WINDOW_UPDATE, F.FLAG_SYN, 1, 0))
         chunk = b"x" * (INITIAL_WINDOW // 2)
         grants = []
@@ -349,29 +362,26 @@ class FlowControlTests(SynchronousTestCase):
             grants += [f.length for f in sent_frames(transport) if f.stream_id == 1]
         grants = [g for g in grants if g]
         self.assertEqual(grants[0], INITIAL_WINDOW // 2 + INITIAL_WINDOW)
-        self.assertGreater(session.streams[1]._window_target, 4 * INITIAL_WINDOW)
+        self.assertGreater(session.streams[1].receive_window(), 4 * INITIAL_WINDOW)
 
     def test_window_stays_for_slow_reader(self):
         """A reader slower than the RTT keeps the initial window."""
-        session, transport, clock = string_session(client=False)
-        session.rtt = 0.01
+        session, transport, clock = rtt_session(0.01)
         session.dataReceived(F.encode_header(F.TYPE_WINDOW_UPDATE, F.FLAG_SYN, 1, 0))
         chunk = b"x" * (INITIAL_WINDOW // 2)
         for _ in range(6):
             clock.advance(1)
             session.dataReceived(F.encode_header(F.TYPE_DATA, 0, 1, len(chunk)) + chunk)
-        self.assertEqual(session.streams[1]._window_target, INITIAL_WINDOW)
+        self.assertEqual(session.streams[1].receive_window(), INITIAL_WINDOW)
 
     def test_window_capped_at_maximum(self):
         """Growth never passes the configured maximum window."""
-        config = SessionConfig(keepalive_interval=0, max_window=INITIAL_WINDOW * 2)
-        session, transport, clock = string_session(client=False, config=config)
-        session.rtt = 1.0
+        session, transport, clock = rtt_session(1.0, max_window=INITIAL_WINDOW * 2)
         session.dataReceived(F.encode_header(F.TYPE_WINDOW_UPDATE, F.FLAG_SYN, 1, 0))
         chunk = b"x" * (INITIAL_WINDOW // 2)
         for _ in range(10):
             session.dataReceived(F.encode_header(F.TYPE_DATA, 0, 1, len(chunk)) + chunk)
-        self.assertEqual(session.streams[1]._window_target, 2 * INITIAL_WINDOW)
+        self.assertEqual(session.streams[1].receive_window(), 2 * INITIAL_WINDOW)
 
 
 class FakeProducer:

@@ -44,7 +44,7 @@ from threshold.mux.session import (
 )
 from threshold.mux.stream import Stream
 from threshold.testing import Collector
-from threshold.wire.frames import FLAG_SYN, TYPE_PING
+from threshold.wire.frames import FLAG_SYN
 
 INTEROP = Path(__file__).parent / "interop"
 PEER_SCRIPT = INTEROP / "yamux_peer.js"
@@ -151,10 +151,10 @@ class CountingSession(MuxSession):
 
     pings_received = 0
 
-    def frame_header(self, type_: int, flags: int, stream_id: int, length: int) -> None:
-        if type_ == TYPE_PING and flags & FLAG_SYN:
+    def ping_received(self, flags: int, value: int) -> None:
+        if flags & FLAG_SYN:
             self.pings_received += 1
-        super().frame_header(type_, flags, stream_id, length)
+        super().ping_received(flags, value)
 
 
 def wait(d: Deferred, seconds: float = STEP) -> Deferred:

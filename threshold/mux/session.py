@@ -3,14 +3,20 @@
 :class:`MuxSession` is a Twisted protocol for the one TCP (or TLS)
 connection between a tunnel client and the server. It knows nothing of
 tunnels, services or HTTP: it opens streams, accepts the peer's streams
-through a callback, enforces flow control and limits, keeps the connection
-alive with Ping, and ends with Go Away.
+through its handler, enforces flow control and limits, keeps the
+connection alive with Ping (:mod:`threshold.mux.keepalive`), and ends with
+Go Away. Its life is one :class:`~threshold.mux.states.SessionState`.
 
 Backpressure: the session registers itself as the transport's producer.
 When the transport's buffer fills, the session stops sending stream data
 (streams keep it, within their windows, and pause their own producers);
 control frames still go out. A slow stream never pauses the session: it
 just stops granting window to its peer.
+
+Fairness: one session acts on at most
+:data:`~threshold.mux.intake.FRAMES_PER_SLICE` frames per turn of the
+reactor (:mod:`threshold.mux.intake`), so one peer's flood of small frames
+(SYN, Ping) cannot hold up every other connection of the process.
 """
 
 from __future__ import annotations
@@ -18,21 +24,38 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from threshold.logs import observer as log_observer
-from threshold.mux.settings import INITIAL_WINDOW, SessionConfig
+from threshold.mux.budget import WindowBudget
+from threshold.mux.dispatch import FrameDispatcher
+from threshold.mux.errors import (
+    GoAwayReceived,
+    KeepaliveTimeout,
+    ProtocolViolation,
+    SessionClosed,
+    StreamLimitReached,
+)
+from threshold.mux.intake import FRAMES_PER_SLICE as FRAMES_PER_SLICE
+from threshold.mux.intake import SlicedInput
+from threshold.mux.keepalive import Keepalive
+from threshold.mux.settings import INITIAL_WINDOW as INITIAL_WINDOW
+from threshold.mux.settings import SessionConfig
+from threshold.mux.states import (
+    ACCEPTING,
+    OPENING_ALLOWED,
+    READING,
+    SessionEvent,
+    SessionState,
+    session_next,
+)
 from threshold.mux.stream import Stream
 from threshold.wire.frames import (
-    FLAG_ACK,
-    FLAG_FIN,
     FLAG_RST,
-    FLAG_SYN,
     GO_AWAY_INTERNAL_ERROR,
     GO_AWAY_NAMES,
     GO_AWAY_NORMAL,
@@ -41,10 +64,10 @@ from threshold.wire.frames import (
     TYPE_DATA,
     TYPE_GO_AWAY,
     TYPE_NAMES,
-    TYPE_PING,
     TYPE_WINDOW_UPDATE,
     FrameDecoder,
     FrameError,
+    decode_header,
     describe_flags,
     encode_header,
 )
@@ -60,30 +83,6 @@ if TYPE_CHECKING:
     from threshold.mux.interfaces import SessionHandler
 
 
-class ProtocolViolation(Exception):
-    """The peer broke the yamux protocol; the session ends with code 1."""
-
-
-class StreamLimitReached(Exception):
-    """Opening a stream would exceed ``max_streams``."""
-
-
-class SessionClosed(Exception):
-    """The session is ending or gone; no stream can be opened."""
-
-
-class KeepaliveTimeout(ConnectionLost):
-    """The peer did not answer a Ping in time."""
-
-
-class GoAwayReceived(ConnectionDone):
-    """The peer ended the session with Go Away."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(f"peer sent Go Away: {GO_AWAY_NAMES.get(code, code)}")
-        self.code = code
-
-
 @implementer(IPushProducer)
 class MuxSession(Protocol):
     """One yamux session over ``self.transport``.
@@ -91,7 +90,10 @@ class MuxSession(Protocol):
     ``client`` is True on the side that dialed (odd stream ids).
     ``handler`` (a :class:`~threshold.mux.interfaces.SessionHandler`) is
     told when the session starts, serves each stream the peer opens (or
-    refuses it: RST), and is told when the session ends.
+    refuses it: RST), and is told when the session ends. ``budget`` is a
+    :class:`~threshold.mux.budget.WindowBudget` shared with other sessions
+    (a gateway's), inside which this session's own one
+    (``config.window_budget``) is drawn.
     ``when_closed()`` also fires with the reason once the session has ended.
     """
 
@@ -105,38 +107,59 @@ class MuxSession(Protocol):
         handler: SessionHandler,
         config: SessionConfig | None = None,
         name: str = "session",
+        budget: WindowBudget | None = None,
     ) -> None:
         self.client = client
         self.clock = clock
         self.config = config or SessionConfig()
         self.name = name
         self.handler = handler
+        self.state = SessionState.OPEN
+        self.budget = WindowBudget(self.config.window_budget, parent=budget)
         self.streams: dict[int, Stream] = {}
-        self._next_id = 1 if client else 2
-        self._highest_remote = 0
-        self._decoder = FrameDecoder(self, self.config.max_frame_receive)
-        self._data_stream: Stream | None = None
+        #: The id of the next stream we open (odd on the dialing side).
+        self.next_stream_id = 1 if client else 2
+        self._decoder = FrameDecoder(
+            FrameDispatcher(self), self.config.max_frame_receive
+        )
+        self._input = SlicedInput(clock, self._decode_slice)
         self.write_blocked = False
         self._blocked_control = 0
-        self._pong_due: int | None = None
         self._waiting: dict[int, Stream] = {}
-        self._going_away = False
-        self._remote_go_away = False
-        self.closed = False
+        self._keepalive = Keepalive(
+            clock, self.config, self._write, self._keepalive_expired
+        )
         self._close_reason: Failure | None = None
         self._closed_waiters: list[Deferred[BaseException]] = []
-        self._ping_id = 0
-        self._ping_sent_at: float | None = None
-        self._ping_call: IDelayedCall | None = None
-        self._ping_timeout_call: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
-        self.rtt: float | None = None
         self.streams_opened = 0
         self.streams_accepted = 0
         self.streams_refused = 0
 
     def __repr__(self) -> str:
         return f"<MuxSession {self.name}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is gone."""
+        return self.state is SessionState.CLOSED
+
+    @property
+    def rtt(self) -> float | None:
+        """The latest round trip measured by Ping (seconds), or None."""
+        return self._keepalive.rtt
+
+    @property
+    def min_rtt(self) -> float | None:
+        """The smallest recent round trip, what window auto-tuning uses."""
+        return self._keepalive.min_rtt
+
+    def _move(self, event: SessionEvent) -> bool:
+        new = session_next(self.state, event)
+        if new is None:
+            return False
+        self.state = new
+        return True
 
     # -- public API -------------------------------------------------------
 
@@ -146,42 +169,39 @@ class MuxSession(Protocol):
         SYN goes out at once and data may follow it without waiting for the
         peer's ACK, so a new stream costs no round trip.
         """
-        if self.closed or self._going_away or self._remote_go_away:
+        if self.state not in OPENING_ALLOWED:
             raise SessionClosed(f"{self.name} is closing")
         if len(self.streams) >= self.config.max_streams:
             raise StreamLimitReached(
                 f"{self.name}: {len(self.streams)} streams open, the maximum"
             )
-        stream_id = self._next_id
+        stream_id = self.next_stream_id
         if stream_id > MAX_UINT32:
             raise SessionClosed(f"{self.name}: stream ids exhausted")
-        self._next_id += 2
-        stream = Stream(self, stream_id, INITIAL_WINDOW, local=True)
+        self.next_stream_id += 2
+        stream = Stream(self, stream_id, local=True)
         self.streams[stream_id] = stream
         self.streams_opened += 1
-        self.send_window_update(stream_id, stream._take_flags(), 0)
+        self.send_window_update(stream_id, stream.take_frame_flags(), 0)
         stream.attach(protocol)
         return stream
 
     def go_away(self, code: int = GO_AWAY_NORMAL) -> None:
         """Send Go Away and close once the streams are done.
 
-        With a non-zero code the connection closes at once.
+        With a non-zero code the connection closes at once, and nothing more
+        the peer sends is read.
         """
-        if self.closed:
-            return
-        if not self._going_away:
-            self._going_away = True
+        if self._move(SessionEvent.GO_AWAY_SENT):
             self._write(encode_header(TYPE_GO_AWAY, 0, 0, code))
-        if code != GO_AWAY_NORMAL or not self.streams:
+        if code != GO_AWAY_NORMAL:
+            self._close_transport(stop_reading=True)
+        elif not self.streams:
             self._close_transport()
 
     def close(self, code: int = GO_AWAY_NORMAL) -> None:
         """Send Go Away and close now, after what was written is flushed."""
-        if self.closed:
-            return
-        if not self._going_away:
-            self._going_away = True
+        if self._move(SessionEvent.GO_AWAY_SENT):
             self._write(encode_header(TYPE_GO_AWAY, 0, 0, code))
         self._close_transport()
 
@@ -212,34 +232,28 @@ class MuxSession(Protocol):
     def connectionMade(self) -> None:  # noqa: N802
         """Register for backpressure and start keepalive."""
         self.transport.registerProducer(self, True)
-        if self.config.keepalive_interval > 0:
-            # The first Ping measures the round trip at once, which window
-            # auto-tuning needs; later ones keep the session alive.
-            self._send_ping()
+        self._input.transport = self.transport
+        # The first Ping measures the round trip at once, which window
+        # auto-tuning needs; later ones keep the session alive.
+        self._keepalive.start()
         self.handler.session_started(self)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        """Decode frames; a protocol violation ends the session."""
-        if self.closed:
-            return
-        try:
-            self._decoder.feed(data)
-        except (FrameError, ProtocolViolation) as e:
-            self._violation(str(e))
-        except Exception:
-            self.log.failure("{name}: internal error handling a frame", name=self.name)
-            self.go_away(GO_AWAY_INTERNAL_ERROR)
+        """Decode a slice of frames; what is left waits for the next turn."""
+        if self.state in READING:
+            self._input.data_received(data)
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         """End every stream and tell whoever waits."""
-        if self.closed:
+        if not self._move(SessionEvent.CONNECTION_LOST):
             return
-        self.closed = True
         if self._close_reason is None:
             self._close_reason = reason
-        for call in (self._ping_call, self._ping_timeout_call, self._abort_call):
-            if call is not None and call.active():
-                call.cancel()
+        self._keepalive.stop()
+        self._input.stop()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         streams = list(self.streams.values())
         self.streams.clear()
         self._waiting.clear()
@@ -260,9 +274,7 @@ class MuxSession(Protocol):
         """The transport has room: let waiting streams send, in turn."""
         self.write_blocked = False
         self._blocked_control = 0
-        if self._pong_due is not None:
-            value, self._pong_due = self._pong_due, None
-            self._write(encode_header(TYPE_PING, FLAG_ACK, 0, value))
+        self._keepalive.send_answer()
         waiting = self._waiting
         while waiting and not self.write_blocked:
             # Oldest first, so every waiting stream gets its turn.
@@ -272,7 +284,7 @@ class MuxSession(Protocol):
     def stopProducing(self) -> None:  # noqa: N802
         """The transport is going away."""
 
-    # -- called by streams -------------------------------------------------
+    # -- called by streams (the StreamSession seam) ------------------------
 
     def wait_for_writable(self, stream: Stream) -> None:
         """Wake ``stream`` when the transport has room again."""
@@ -281,7 +293,7 @@ class MuxSession(Protocol):
     def send_data(self, stream_id: int, flags: int, data: bytes) -> None:
         """Write one Data frame."""
         if self.config.debug_frames:
-            self._log_frame("sent", TYPE_DATA, flags, stream_id, len(data))
+            self.log_frame("sent", TYPE_DATA, flags, stream_id, len(data))
         self.transport.writeSequence(
             [encode_header(TYPE_DATA, flags, stream_id, len(data)), data]
         )
@@ -298,80 +310,37 @@ class MuxSession(Protocol):
         """Forget a finished stream; finish a pending Go Away."""
         self.streams.pop(stream.id, None)
         self._waiting.pop(stream.id, None)
-        if self._going_away and not self.streams:
+        if self.state is SessionState.GOING_AWAY and not self.streams:
             self._close_transport()
 
-    # -- FrameHandler -------------------------------------------------------
+    # -- reading, a slice at a time ----------------------------------------
 
-    def frame_header(self, type_: int, flags: int, stream_id: int, length: int) -> None:
-        """Dispatch a frame header."""
-        if self.config.debug_frames:
-            self._log_frame("received", type_, flags, stream_id, length)
-        if type_ == TYPE_DATA or type_ == TYPE_WINDOW_UPDATE:
-            self._stream_frame(type_, flags, stream_id, length)
-        elif type_ == TYPE_PING:
-            self._ping(flags, stream_id, length)
-        else:
-            self._go_away_received(stream_id, length)
+    def _decode_slice(self, data: bytes) -> bytes:
+        """Act on up to FRAMES_PER_SLICE frames; return the bytes left over.
 
-    def frame_payload(self, stream_id: int, data: bytes) -> None:
-        """Pass Data payload to its stream (None: a stream we dropped)."""
-        stream = self._data_stream
-        if stream is not None and not stream.closed:
-            stream.data_received(data)
+        Nothing is left over once reading has stopped: after a protocol
+        violation not one more frame is acted on, not even from this chunk.
+        """
+        try:
+            used = self._decoder.feed(data, FRAMES_PER_SLICE)
+        except (FrameError, ProtocolViolation) as e:
+            self._violation(str(e))
+            return b""
+        except Exception:
+            self.log.failure("{name}: internal error handling a frame", name=self.name)
+            self.go_away(GO_AWAY_INTERNAL_ERROR)
+            return b""
+        if not self.write_blocked:
+            self._keepalive.send_answer()
+        if used == len(data) or self.state not in READING:
+            return b""
+        return data[used:]
 
-    def frame_end(self, stream_id: int, flags: int) -> None:
-        """Apply FIN / RST after a Data frame's payload."""
-        stream = self._data_stream
-        self._data_stream = None
-        if stream is not None and not stream.closed:
-            self._end_flags(stream, flags)
+    # -- called by the dispatcher (the peer's frames) -----------------------
 
-    # -- internals --------------------------------------------------------------
-
-    def _stream_frame(
-        self, type_: int, flags: int, stream_id: int, length: int
-    ) -> None:
-        if stream_id == 0:
-            raise ProtocolViolation(
-                f"{TYPE_NAMES[type_]} frame ({describe_flags(flags)}) on stream 0"
-            )
-        stream = self.streams.get(stream_id)
-        if flags & FLAG_SYN:
-            stream = self._open_remote(stream_id, stream)
-        elif stream is None:
-            self._check_known(type_, flags, stream_id)
-        if type_ == TYPE_DATA:
-            if stream is not None and length > stream.receive_window_left():
-                raise ProtocolViolation(
-                    f"stream {stream_id}: {length} bytes of Data past a window "
-                    f"of {stream.receive_window_left()}"
-                )
-            self._data_stream = stream
-            return
-        if stream is None or stream.closed:
-            return
-        if length:
-            stream.window_update(length)
-        self._end_flags(stream, flags)
-
-    def _end_flags(self, stream: Stream, flags: int) -> None:
-        if flags & FLAG_RST:
-            stream.remote_reset()
-        elif flags & FLAG_FIN:
-            stream.remote_fin()
-
-    def _open_remote(self, stream_id: int, existing: Stream | None) -> Stream | None:
-        if (stream_id % 2 == 1) == self.client:
-            raise ProtocolViolation(
-                f"peer opened stream {stream_id}, an id of our parity "
-                f"({'odd' if self.client else 'even'} ids are ours)"
-            )
-        if existing is not None or stream_id <= self._highest_remote:
-            raise ProtocolViolation(f"peer reused stream id {stream_id}")
-        self._highest_remote = stream_id
-        stream = Stream(self, stream_id, INITIAL_WINDOW, local=False)
-        if self._going_away:
+    def accept_stream(self, stream_id: int) -> Stream | None:
+        """The peer opened ``stream_id``: serve it, or refuse it (RST)."""
+        if self.state not in ACCEPTING:
             self._refuse(stream_id, "the session is going away")
             return None
         if len(self.streams) >= self.config.max_streams:
@@ -384,6 +353,7 @@ class MuxSession(Protocol):
             )
             self._refuse(stream_id, "stream limit")
             return None
+        stream = Stream(self, stream_id, local=False)
         self.streams[stream_id] = stream
         try:
             protocol = self.handler.stream_opened(self, stream)
@@ -399,11 +369,15 @@ class MuxSession(Protocol):
             self._refuse(stream_id, "refused by the application")
             return None
         self.streams_accepted += 1
-        self.send_window_update(stream_id, stream._take_flags(), 0)
+        self.send_window_update(stream_id, stream.take_frame_flags(), 0)
         stream.attach(protocol)
         if stream.closed:
             return None
         return stream
+
+    def ping_received(self, flags: int, value: int) -> None:
+        """A Ping: answered at the end of the slice (the latest only)."""
+        self._keepalive.ping_received(flags, value)
 
     def _refuse(self, stream_id: int, why: str) -> None:
         self.streams_refused += 1
@@ -415,53 +389,9 @@ class MuxSession(Protocol):
         )
         self._write(encode_header(TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0))
 
-    def _check_known(self, type_: int, flags: int, stream_id: int) -> None:
-        """A frame for a stream we don't hold: closed (ignore) or never opened."""
-        ours = (stream_id % 2 == 1) == self.client
-        opened = (
-            stream_id < self._next_id if ours else stream_id <= self._highest_remote
-        )
-        if not opened:
-            raise ProtocolViolation(
-                f"{TYPE_NAMES[type_]} frame ({describe_flags(flags)}) for stream "
-                f"{stream_id}, which was never opened"
-            )
-
-    def _ping(self, flags: int, stream_id: int, value: int) -> None:
-        if stream_id != 0:
-            raise ProtocolViolation(f"Ping on stream {stream_id} (must be 0)")
-        if flags & FLAG_SYN:
-            if self.write_blocked:
-                # The peer is not reading what we send: answer only its
-                # latest Ping, once it reads again, so Pings cannot pile up.
-                self._pong_due = value
-            else:
-                self._write(encode_header(TYPE_PING, FLAG_ACK, 0, value))
-        elif flags & FLAG_ACK:
-            if self._ping_sent_at is not None and value == self._ping_id:
-                self.rtt = self.clock.seconds() - self._ping_sent_at
-                self._ping_sent_at = None
-                if self._ping_timeout_call is not None:
-                    if self._ping_timeout_call.active():
-                        self._ping_timeout_call.cancel()
-                    self._ping_timeout_call = None
-                self._ping_call = self.clock.callLater(
-                    self.config.keepalive_interval, self._send_ping
-                )
-
-    def _send_ping(self) -> None:
-        self._ping_call = None
-        if self.closed:
-            return
-        self._ping_id = (self._ping_id + 1) & MAX_UINT32
-        self._ping_sent_at = self.clock.seconds()
-        self._write(encode_header(TYPE_PING, FLAG_SYN, 0, self._ping_id))
-        self._ping_timeout_call = self.clock.callLater(
-            self.config.keepalive_timeout, self._keepalive_expired
-        )
+    # -- the session's end ----------------------------------------------------
 
     def _keepalive_expired(self) -> None:
-        self._ping_timeout_call = None
         if self.closed:
             return
         self.log.warn(
@@ -469,17 +399,13 @@ class MuxSession(Protocol):
             name=self.name,
             timeout=self.config.keepalive_timeout,
         )
-        self._close_reason = Failure(
-            KeepaliveTimeout(
-                f"no answer to Ping within {self.config.keepalive_timeout}s"
-            )
-        )
+        why = f"no answer to Ping within {self.config.keepalive_timeout}s"
+        self._close_reason = Failure(KeepaliveTimeout(why))
         self.transport.abortConnection()
 
-    def _go_away_received(self, stream_id: int, code: int) -> None:
-        if stream_id != 0:
-            raise ProtocolViolation(f"Go Away on stream {stream_id} (must be 0)")
-        self._remote_go_away = True
+    def go_away_received(self, code: int) -> None:
+        """The peer sent Go Away: open nothing more; close when no stream is left."""
+        self._move(SessionEvent.GO_AWAY_RECEIVED)
         if code == GO_AWAY_NORMAL:
             self.log.info("{name}: peer sent Go Away (normal)", name=self.name)
         else:
@@ -509,14 +435,23 @@ class MuxSession(Protocol):
             self._close_reason = Failure(ProtocolViolation(what))
         self.go_away(GO_AWAY_PROTOCOL_ERROR)
 
-    def _close_transport(self) -> None:
-        if self.closed or self.transport is None or self._abort_call is not None:
+    def _close_transport(self, stop_reading: bool = False) -> None:
+        if self.transport is None or not self._move(SessionEvent.CLOSE):
             return
+        self._input.stop()  # nothing more is acted on
+        if stop_reading:
+            # After an error the peer is not even read (the kernel's buffer
+            # fills, then its window closes); the abort below ends it.
+            self._input.pause_reading()
+        else:
+            self._input.resume_reading()  # a TLS close reads close_notify
         # A TLS transport does not shut down while a producer is registered.
         self.transport.unregisterProducer()
         self.write_blocked = False
         self.transport.loseConnection()
-        # A peer that stops reading could hold loseConnection open forever.
+        # A peer that stops reading could hold loseConnection open forever
+        # (and a TLS close waits for the peer's close_notify, unread when
+        # reading is stopped).
         self._abort_call = self.clock.callLater(
             self.config.close_timeout, self._abort_transport
         )
@@ -526,7 +461,9 @@ class MuxSession(Protocol):
         if not self.closed:
             self.transport.abortConnection()
 
-    def _log_frame(
+    # -- writing --------------------------------------------------------------
+
+    def log_frame(
         self, what: str, type_: int, flags: int, stream_id: int, length: int
     ) -> None:
         self.log.debug(
@@ -543,13 +480,7 @@ class MuxSession(Protocol):
         if self.closed or self.transport is None:
             return
         if self.config.debug_frames:
-            self._log_frame(
-                "sent",
-                data[1],
-                (data[2] << 8) | data[3],
-                int.from_bytes(data[4:8], "big"),
-                int.from_bytes(data[8:12], "big"),
-            )
+            self.log_frame("sent", *decode_header(data))
         if self.write_blocked:
             # Control frames are written even while the transport is full
             # (they carry window and resets), but a peer that keeps making

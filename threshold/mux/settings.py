@@ -83,6 +83,13 @@ class SessionConfig:
         " is not reading before the session is closed: bounded, but not by"
         " windows.",
     )
+    window_budget: int = field(
+        None,
+        Bytes(0),
+        64 * _MIB,
+        doc="Receive window all streams of one session may grow by together,"
+        " beyond each one's initial 256 KiB (what readers that stop can pin).",
+    )
 
     def __post_init__(self) -> None:
         SESSION.validate(self)

@@ -7,111 +7,144 @@ producer for backpressure. It is also a push producer itself, so a relay
 can ``stream.registerProducer(other_transport, True)`` and
 ``other_transport.registerProducer(stream, True)``.
 
+Its life is one :class:`~threshold.mux.states.StreamState`, moved only by
+:meth:`Stream._move` through the table in :mod:`threshold.mux.states`. It
+knows its session only through the
+:class:`~threshold.mux.interfaces.StreamSession` seam.
+
 Flow control, per direction:
 
 - sending: bytes go out only as far as the peer's window allows; the rest
   waits in ``_send_buffer`` and the registered producer is paused until a
   Window Update makes room, so the buffer holds at most what the producer
-  wrote before it was paused;
+  wrote before it was paused. A FIN waits behind that buffer;
 - receiving: window is granted back only for bytes the protocol has been
-  given. While the protocol has the stream paused, arriving bytes wait in
-  ``_recv_buffer``, which the peer cannot overfill without breaking the
-  protocol (it may send no more than the window).
+  given. While the protocol has the stream paused, arriving bytes (and the
+  peer's FIN) wait in ``_recv_buffer``, which the peer cannot overfill
+  without breaking the protocol (it may send no more than the window).
+  The window grows for a reader that keeps up, within the session's
+  :class:`~threshold.mux.budget.WindowBudget`.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import (
-    IAddress,
     IConsumer,
     IHalfCloseableProtocol,
     IPushProducer,
     ITransport,
 )
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from threshold.wire.frames import FLAG_ACK, FLAG_FIN, FLAG_RST, FLAG_SYN
+from threshold.logs import observer as log_observer
+from threshold.mux.address import StreamAddress
+from threshold.mux.budget import ReceiveWindow
+from threshold.mux.errors import StreamReset
+from threshold.mux.settings import INITIAL_WINDOW
+from threshold.mux.states import (
+    ENDED,
+    OPENING_FLAGS,
+    PEER_SENDING,
+    WRITABLE,
+    StreamEvent,
+    StreamState,
+    stream_next,
+)
+from threshold.wire.frames import FLAG_FIN, FLAG_RST
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IProtocol
+    from twisted.internet.interfaces import IDelayedCall, IProtocol
 
-    from threshold.mux.session import MuxSession
+    from threshold.mux.interfaces import StreamSession
+
+__all__ = ["Stream", "StreamAddress", "StreamReset"]
+
+_S = StreamState
+_E = StreamEvent
 
 
-class StreamReset(ConnectionLost):
-    """The peer reset the stream (RST)."""
+class _EndOfStream:
+    """The peer's FIN, waiting in the receive buffer behind earlier bytes."""
+
+    __slots__ = ()
 
 
-@implementer(IAddress)
-class StreamAddress:
-    """The address of a stream: the session's peer and the stream id."""
-
-    def __init__(self, session_address: IAddress | None, stream_id: int) -> None:
-        self.session_address = session_address
-        self.stream_id = stream_id
-
-    def __repr__(self) -> str:
-        return f"StreamAddress({self.session_address!r}, {self.stream_id})"
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, StreamAddress)
-            and other.session_address == self.session_address
-            and other.stream_id == self.stream_id
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.stream_id, repr(self.session_address)))
+_EOF: Final = _EndOfStream()
 
 
 @implementer(ITransport, IConsumer, IPushProducer)
 class Stream:
     """A yamux stream: transport for one protocol, producer, consumer."""
 
-    disconnecting = False
+    log = Logger(observer=log_observer)
 
-    def __init__(
-        self, session: MuxSession, stream_id: int, window: int, *, local: bool
-    ) -> None:
+    def __init__(self, session: StreamSession, stream_id: int, *, local: bool) -> None:
         self.session = session
         self.id = stream_id
         self.local = local
+        self.state = _S.INIT if local else _S.SYN_RECEIVED
         self.protocol: IProtocol | None = None
-        # send side
-        self._send_window = window
+        # send side: the peer's window for us, 256 KiB until it grants more
+        self._send_window = INITIAL_WINDOW
         self._send_buffer: deque[bytes] = deque()
         self._send_buffered = 0
-        self._pending_flags = FLAG_SYN if local else FLAG_ACK
-        self._write_closing = False
-        self._fin_sent = False
         self._producer: IPushProducer | None = None
         self._producer_paused = False
         # receive side
-        self._recv_window = window
-        self._window_target = window
-        self._consumed = 0
-        self._epoch_start = session.clock.seconds()
-        self._recv_buffer: deque[bytes] = deque()
+        self._window = ReceiveWindow(session)
+        self._recv_buffer: deque[bytes | _EndOfStream] = deque()
         self._recv_buffered = 0
         self._reading_paused = False
-        self._remote_fin = False
-        self._remote_fin_delivered = False
-        self._lost_called = False
-        self._closing = False
-        self._linger = None
-        self.closed = False
-        #: True when the session ended under this stream before it finished.
-        self.cut_short = False
+        self._linger: IDelayedCall | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
 
     def __repr__(self) -> str:
-        return f"<Stream {self.id} of {self.session!r}>"
+        return f"<Stream {self.id} of {self.session!r} {self.state.name}>"
+
+    # -- the state ------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the stream has ended (its protocol has been told)."""
+        return self.state in ENDED
+
+    @property
+    def cut_short(self) -> bool:
+        """True when the session ended under this stream before it finished.
+
+        The protocol then gets the session's reason, which may be a clean one
+        (a peer process killed, Go Away then close); this tells those that
+        relay the stream that its bytes were cut all the same.
+        """
+        return self.state is _S.LOST
+
+    @property
+    def disconnecting(self) -> bool:
+        """True once ``loseConnection`` was called or the stream has ended."""
+        return self._linger is not None or self.state in ENDED
+
+    def _move(self, event: StreamEvent) -> bool:
+        """Apply ``event``; False (nothing changes) if it does not apply."""
+        new = stream_next(self.state, event)
+        if new is None:
+            return False
+        self.state = new
+        return True
+
+    def take_frame_flags(self) -> int:
+        """The flags this stream's next frame must carry: SYN or ACK on the
+        first one, nothing after. Whoever sends that frame takes them."""
+        flags = OPENING_FLAGS.get(self.state, 0)
+        if flags:
+            self._move(_E.SENT_OPEN)
+        return flags
 
     # -- attaching a protocol -------------------------------------------
 
@@ -125,7 +158,7 @@ class Stream:
 
     def write(self, data: bytes) -> None:
         """Send bytes; they wait for window if the peer has none left."""
-        if self._write_closing or self.closed or not data:
+        if self.state not in WRITABLE or not data:
             return
         size = len(data)
         session = self.session
@@ -140,7 +173,7 @@ class Stream:
             # without the buffer round trip (a third of a small write's cost).
             self._send_window -= size
             self.bytes_sent += size
-            session.send_data(self.id, self._take_flags(), bytes(data))
+            session.send_data(self.id, self.take_frame_flags(), bytes(data))
             return
         self._send_buffer.append(bytes(data))
         self._send_buffered += len(data)
@@ -152,10 +185,14 @@ class Stream:
 
     def loseWriteConnection(self) -> None:  # noqa: N802
         """Half-close: FIN once everything written so far has been sent."""
-        if self._write_closing or self.closed:
+        if self.state not in WRITABLE:
             return
-        self._write_closing = True
-        self._flush()
+        self._announce()
+        self._move(_E.CLOSE_WRITE)
+        if self._send_buffered:
+            self._flush()  # the FIN follows the last byte
+        else:
+            self._send_fin()
 
     def loseConnection(self) -> None:  # noqa: N802
         """Close gracefully: send what is buffered, FIN, end the protocol.
@@ -164,12 +201,17 @@ class Stream:
         the peer is never stuck); if its FIN does not come within the
         session's linger time the stream is reset.
         """
-        if self.closed or self._closing:
+        if self.disconnecting:
             return
-        self._closing = True
-        self.disconnecting = True
+        self._announce()
+        writable = self.state in WRITABLE
+        self._move(_E.CLOSE)
         self._drop_received()
-        self.loseWriteConnection()
+        if writable:
+            if self._send_buffered:
+                self._flush()
+            else:
+                self._send_fin()
         self._maybe_done()
         if not self.closed and self._linger is None:
             self._linger = self.session.clock.callLater(
@@ -180,8 +222,8 @@ class Stream:
         """Reset the stream (RST) and end the protocol at once."""
         if self.closed:
             return
-        self.session.send_control(self.id, self._take_flags() | FLAG_RST)
-        self._finish(Failure(ConnectionAborted("stream reset locally")))
+        self.session.send_control(self.id, self.take_frame_flags() | FLAG_RST)
+        self._finish(_E.RESET, Failure(ConnectionAborted("stream reset locally")))
 
     def getPeer(self) -> StreamAddress:  # noqa: N802
         """The session's peer address, with this stream's id."""
@@ -235,62 +277,83 @@ class Stream:
 
     def data_received(self, data: bytes) -> None:
         """Payload for this stream arrived (already checked against window)."""
-        self._recv_window -= len(data)
-        self.bytes_received += len(data)
-        if self._closing:
-            self._consume(len(data))
+        size = len(data)
+        self._window.left -= size
+        self.bytes_received += size
+        state = self.state
+        if state not in PEER_SENDING:
+            return  # after the peer's FIN: nothing more is handed on
+        if state is _S.LINGERING:
+            self._consume(size)  # dropped, but its window granted back
             return
         if self._reading_paused or self._recv_buffer or self.protocol is None:
             self._recv_buffer.append(data)
-            self._recv_buffered += len(data)
+            self._recv_buffered += size
             return
-        self._consume(len(data))
+        self._consume(size)
         self._give(data)
+
+    def ack_received(self) -> None:
+        """The peer acknowledged the stream we opened."""
+        self._move(_E.ACK_RECEIVED)
 
     def remote_fin(self) -> None:
         """The peer half-closed its direction."""
-        if self._remote_fin:
+        lingering = self.state is _S.LINGERING
+        if not self._move(_E.FIN_RECEIVED):
             return
-        self._remote_fin = True
-        self._deliver()
+        if lingering:
+            self._maybe_done()  # nothing to hand on: the protocol closed
+        else:
+            self._recv_buffer.append(_EOF)
+            self._deliver()
 
     def remote_reset(self) -> None:
         """The peer reset the stream."""
-        self._finish(Failure(StreamReset("stream reset by peer")))
+        self._finish(_E.RESET, Failure(StreamReset("stream reset by peer")))
 
     def window_update(self, delta: int) -> None:
         """The peer granted ``delta`` more bytes of send window."""
         self._send_window += delta
-        if self._send_buffered or self._write_closing:
+        if self._send_buffered:
             self._flush()
 
-    def session_lost(self, reason: Failure) -> None:
-        """The session ended under this stream, which had not finished.
+    def session_writable(self) -> None:
+        """The session's transport has room again."""
+        if self._send_buffered:
+            self._flush()
+        else:
+            self._resume_producer()
 
-        The protocol gets the session's reason, which may be a clean one (a
-        peer process killed, Go Away then close); ``cut_short`` tells those
-        that relay the stream that its bytes were cut all the same.
-        """
-        self.cut_short = True
-        self._finish(reason, notify_session=False)
+    def session_lost(self, reason: Failure) -> None:
+        """The session ended under this stream, which had not finished."""
+        self._finish(_E.SESSION_LOST, reason, notify_session=False)
 
     def receive_window_left(self) -> int:
         """How many bytes the peer may still send before a Window Update."""
-        return self._recv_window
+        return self._window.left
+
+    def receive_window(self) -> int:
+        """The receive window granted to the peer, 256 KiB or grown."""
+        return self._window.size
 
     def buffered(self) -> tuple[int, int]:
         """Bytes held here: (waiting to be sent, waiting to be read)."""
         return self._send_buffered, self._recv_buffered
 
-    # -- internals --------------------------------------------------------
+    # -- sending ----------------------------------------------------------
 
-    def _take_flags(self) -> int:
-        flags = self._pending_flags
-        self._pending_flags = 0
-        return flags
+    def _announce(self) -> None:
+        """Send the opening frame if nothing has carried its SYN or ACK yet."""
+        if self.state in OPENING_FLAGS:
+            self.session.send_window_update(self.id, self.take_frame_flags(), 0)
 
     def _flush(self) -> None:
-        """Send as much of the buffer as window and session allow."""
+        """Send as much of the buffer as window and session allow.
+
+        Called with bytes buffered; the FIN of a closed direction goes out
+        when the last of them does.
+        """
         session = self.session
         buf = self._send_buffer
         max_frame = session.config.max_frame_send
@@ -308,23 +371,17 @@ class Stream:
             self._send_window -= size
             self._send_buffered -= size
             self.bytes_sent += size
-            session.send_data(self.id, self._take_flags(), chunk)
+            session.send_data(self.id, self.take_frame_flags(), chunk)
         if self._send_buffered:
             self._pause_producer()
-            return
-        if self._write_closing and not self._fin_sent:
-            self._fin_sent = True
-            session.send_control(self.id, self._take_flags() | FLAG_FIN)
-            self._maybe_done()
-            return
-        self._resume_producer()
-
-    def session_writable(self) -> None:
-        """The session's transport has room again."""
-        if self._send_buffered or (self._write_closing and not self._fin_sent):
-            self._flush()
-        else:
+        elif self.state in WRITABLE:
             self._resume_producer()
+        else:
+            self._send_fin()
+
+    def _send_fin(self) -> None:
+        self.session.send_control(self.id, self.take_frame_flags() | FLAG_FIN)
+        self._maybe_done()
 
     def _pause_producer(self) -> None:
         if self._producer is not None and not self._producer_paused:
@@ -341,35 +398,33 @@ class Stream:
         if self._producer is not None:
             self._producer.resumeProducing()
 
+    # -- receiving --------------------------------------------------------
+
     def _deliver(self) -> None:
         """Hand waiting bytes, then a waiting FIN, to an unpaused protocol."""
-        protocol = self.protocol
-        if protocol is None or self.closed:
+        if self.protocol is None:
             return
-        while self._recv_buffer and not self._reading_paused and not self.closed:
-            data = self._recv_buffer.popleft()
+        buf = self._recv_buffer
+        while buf and not self._reading_paused and self.state not in ENDED:
+            data = buf.popleft()
+            if data is _EOF:
+                self._deliver_eof()
+                return
             self._recv_buffered -= len(data)
             self._consume(len(data))
             self._give(data)
-        if (
-            self._remote_fin
-            and not self._remote_fin_delivered
-            and not self._recv_buffer
-            and not self._reading_paused
-            and not self.closed
-        ):
-            self._remote_fin_delivered = True
-            half = IHalfCloseableProtocol(protocol, None)
-            if half is not None and not self._closing:
-                try:
-                    half.readConnectionLost()
-                except Exception:
-                    self._protocol_failed("readConnectionLost")
-                    return
-                self._maybe_done()
-            else:
-                self.loseConnection()
-                self._maybe_done()
+
+    def _deliver_eof(self) -> None:
+        half = IHalfCloseableProtocol(self.protocol, None)
+        if half is None:
+            self.loseConnection()
+            return
+        try:
+            half.readConnectionLost()
+        except Exception:
+            self._protocol_failed("readConnectionLost")
+            return
+        self._maybe_done()
 
     def _give(self, data: bytes) -> None:
         """Hand bytes to the protocol; its exception resets this stream only."""
@@ -379,7 +434,7 @@ class Stream:
             self._protocol_failed("dataReceived")
 
     def _protocol_failed(self, what: str) -> None:
-        self.session.log.failure(
+        self.log.failure(
             "{name}: stream {stream_id}: {what} raised; resetting the stream",
             name=self.session.name,
             stream_id=self.id,
@@ -389,30 +444,10 @@ class Stream:
 
     def _consume(self, count: int) -> None:
         """Count bytes handed on; grant window back in batches."""
-        self._consumed += count
-        if self._remote_fin or self.closed:
-            return
-        if self._consumed >= self._window_target // 2:
-            self._grant()
-
-    def _grant(self) -> None:
-        session = self.session
-        now = session.clock.seconds()
-        target = self._window_target
-        rtt = session.rtt
-        if rtt is not None and target < session.config.max_window:
-            # Auto-tuning as QUIC stacks do: if the reader drained this
-            # share of the window in well under two round trips, the window
-            # is what limits throughput, so double it.
-            fraction = self._consumed / target
-            if now - self._epoch_start < 4 * fraction * rtt:
-                target = min(target * 2, session.config.max_window)
-        delta = self._consumed + (target - self._window_target)
-        self._window_target = target
-        self._epoch_start = now
-        self._consumed = 0
-        self._recv_window += delta
-        session.send_window_update(self.id, self._take_flags(), delta)
+        if self.state in PEER_SENDING:
+            delta = self._window.consume(count)
+            if delta:
+                self.session.send_window_update(self.id, self.take_frame_flags(), delta)
 
     def _drop_received(self) -> None:
         if self._recv_buffered:
@@ -420,26 +455,32 @@ class Stream:
         self._recv_buffer.clear()
         self._recv_buffered = 0
 
+    # -- ending -----------------------------------------------------------
+
     def _maybe_done(self) -> None:
-        if self._fin_sent and self._remote_fin and not self.closed:
-            if self._remote_fin_delivered or self._closing:
-                self._finish(Failure(ConnectionDone("stream closed")))
+        """Both directions closed, nothing left to send or hand on: done."""
+        if (
+            self.state is _S.CLOSING
+            and not self._send_buffered
+            and not self._recv_buffer
+        ):
+            self._finish(_E.DRAINED, Failure(ConnectionDone("stream closed")))
 
     def _linger_expired(self) -> None:
         self._linger = None
         if not self.closed:
-            self.session.log.debug(
+            self.log.debug(
                 "stream {stream_id}: peer did not close within {linger}s; reset",
                 stream_id=self.id,
                 linger=self.session.config.stream_linger,
             )
             self.abortConnection()
 
-    def _finish(self, reason: Failure, notify_session: bool = True) -> None:
-        if self.closed:
+    def _finish(
+        self, event: StreamEvent, reason: Failure, notify_session: bool = True
+    ) -> None:
+        if not self._move(event):
             return
-        self.closed = True
-        self.disconnecting = True
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         self._linger = None
@@ -447,12 +488,12 @@ class Stream:
         self._send_buffered = 0
         self._recv_buffer.clear()
         self._recv_buffered = 0
+        self._window.release()
         if notify_session:
             self.session.stream_closed(self)
         producer = self._producer
         self._producer = None
-        if self.protocol is not None and not self._lost_called:
-            self._lost_called = True
+        if self.protocol is not None:
             self.protocol.connectionLost(reason)
         if producer is not None:
             # Twisted's rule: a consumer that goes away stops its producer.

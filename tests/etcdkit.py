@@ -25,6 +25,7 @@ closed", code 14) while /health still answers.
 from __future__ import annotations
 
 import atexit
+import base64
 import ctypes
 import datetime
 import http.client
@@ -84,6 +85,10 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def free_port() -> int:
@@ -236,8 +241,12 @@ class EtcdProcess:
 
         The ports were free when picked; another process may have taken one
         since, so a member that exits for an address in use gets new ports
-        (a few times, on its first start only).
+        (a few times, on its first start only). Blocking also in a test in
+        progress is a tool: nothing else runs until it returns (see
+        ``restart_blocking``).
         """
+        if self.start_seconds is not None:
+            return self.restart_blocking()
         for _ in range(3):
             self.spawn()
             deadline = time.monotonic() + START_TIMEOUT
@@ -255,6 +264,22 @@ class EtcdProcess:
             os.truncate(self.log_path, 0)
             self._pick_ports()
         raise RuntimeError(f"{self.name}: no free ports: {self.log_tail()}")
+
+    def restart_blocking(self) -> float:
+        """Start again on the same ports and data, blocking until it serves.
+
+        The reactor stands still meanwhile, so no watch or timer of the test
+        runs until the caller yields: what the caller writes right after
+        this happens before any client notices that etcd is back.
+        """
+        self.spawn()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.probe():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not serve: {self.log_tail()}")
+            time.sleep(PROBE_INTERVAL)
+        return self._served()
 
     def _served(self) -> float:
         self.start_seconds = time.monotonic() - self._started_at
@@ -312,6 +337,11 @@ class EtcdProcess:
         if response.status != 200:
             raise ValueError(f"{path}: HTTP {response.status}: {data[:200]!r}")
         return json.loads(data)
+
+    def put(self, key: bytes, value: bytes) -> int:
+        """A blocking put (see ``restart_blocking``): the new revision."""
+        body = {"key": _b64(key), "value": _b64(value)}
+        return int(self.call("/v3/kv/put", body)["header"]["revision"])
 
     def revision(self) -> int:
         """The member's current store revision."""

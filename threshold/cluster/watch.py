@@ -329,6 +329,7 @@ class Watch:
                 self._callback(event)
             except Exception:
                 # Not delivered: a new watch from here sees it again.
+                self.next_revision = max(self.next_revision, event.revision)
                 self._stop(Failure())
                 return False
             # A revision is done once its last event (a transaction may

@@ -62,9 +62,14 @@ def ensure(programs: Iterable[str], install: bool, say=print) -> dict[str, str]:
     if missing:
         packages = sorted({PACKAGES[p] for p in missing})
         line = install_line(packages)
-        can = install and os.geteuid() == 0 and shutil.which("apt-get")
-        if not can:
-            why = "not installing (--no-install)" if not install else "not root"
+        why = None
+        if not install:
+            why = "not installing (--no-install)"
+        elif os.geteuid() != 0:
+            why = "not root"
+        elif not shutil.which("apt-get"):
+            why = "no apt-get here"
+        if why:
             raise ToolError(f"missing {', '.join(missing)}; {why}; run: {line}")
         say(f"installing {' '.join(packages)} (apt-get)")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")

@@ -25,8 +25,8 @@ BENCHMARKS = ROOT / "benchmarks"
 OUTPUTS = Path(__file__).resolve().parent / "std_outputs"
 sys.path.insert(0, str(BENCHMARKS))
 
-import std_bench  # noqa: E402
 import std_profile  # noqa: E402
+import std_report  # noqa: E402
 import std_tools  # noqa: E402
 from std_tools import ToolError  # noqa: E402
 
@@ -141,6 +141,18 @@ class EnsureTests(SynchronousTestCase):
                 std_tools.ensure(["iperf3"], install=True)
         run.assert_not_called()
 
+    def test_no_apt_get(self):
+        """Root but no apt-get (not Debian): the command named, nothing run."""
+        with (
+            mock.patch.object(std_tools, "find", lambda p: None),
+            mock.patch.object(os, "geteuid", lambda: 0),
+            mock.patch.object(std_tools.shutil, "which", lambda p: None),
+            mock.patch.object(std_tools.subprocess, "run") as run,
+        ):
+            with self.assertRaisesRegex(ToolError, "no apt-get.*install -y nginx"):
+                std_tools.ensure(["nginx"], install=True)
+        run.assert_not_called()
+
     def test_found(self):
         """Everything there: the paths, nothing installed."""
         with mock.patch.object(std_tools, "find", lambda p: f"/usr/bin/{p}"):
@@ -174,12 +186,12 @@ class ReportTests(SynchronousTestCase):
                 "rss": [[58e6, 57e6], [59e6, 58e6], [60e6, 56e6]],
             },
         }
-        figures = {"medians": {p: std_bench.medians(v) for p, v in runs.items()}}
+        figures = {"medians": {p: std_report.medians(v) for p, v in runs.items()}}
         self.assertEqual(figures["medians"]["threshold"]["close_cpu"], 600.0)
         self.assertEqual(
             figures["medians"]["threshold"]["close_cpu_split"], [400.0, 200.0]
         )
-        lines = std_bench.table(figures)
+        lines = std_report.table(figures)
         close = next(line for line in lines if line.startswith("| new connections"))
         self.assertEqual(close.split(" | ")[1:], ["9.00k", "1.00k (0.11×) |"])
         rss = next(line for line in lines if line.startswith("| RSS"))
@@ -246,7 +258,7 @@ class SmokeTests(SynchronousTestCase):
         self.assertEqual(proc.returncode, 0, stderr[-2000:])
         figures = json.loads(figures_file.read_text())
         self.assertEqual(figures["errors"], [])
-        keys = {key for key, *_ in std_bench.ROWS}
+        keys = {key for key, *_ in std_report.ROWS}
         tunnel_only = {"cpu_gb_1", "cpu_gb_8", "ka_cpu", "close_cpu", "rss", "ready"}
         for path in self.PATHS.split(","):
             want = keys - tunnel_only if path == "direct" else keys

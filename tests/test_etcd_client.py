@@ -23,6 +23,7 @@ from threshold.cluster.kv import (
     EtcdUnavailable,
     EventType,
     LeaseNotFound,
+    MalformedAnswer,
     Put,
     Range,
 )
@@ -103,6 +104,17 @@ class KeyValueTests(ClientCase):
         self.assertEqual(await self.client.delete(self.key("x/"), prefix=True), 2)
         left = await self.client.get_prefix(self.prefix)
         self.assertEqual([kv.key for kv in left.kvs], [self.key("y")])
+
+    async def test_not_etcd(self) -> None:
+        """An endpoint that is not etcd's client port: MalformedAnswer, shown."""
+        client = self.make_client([self.etcd.peer_url])
+        for call in (client.get(self.key("x")), client.put(self.key("x"), b"x")):
+            with self.assertRaises(MalformedAnswer) as caught:
+                await call
+            self.assertIn(
+                "HTTP 404, not a JSON object: b'404 page not found",
+                str(caught.exception),
+            )
 
     async def test_status(self) -> None:
         """The member's status names its version (Debian ships 3.4)."""

@@ -174,7 +174,7 @@ class EtcdClient:
                     ) from None
                 self.demote(endpoint)
                 continue
-            answer = decode_answer(endpoint, data)
+            answer = decode_answer(endpoint, code, data)
             if code == 200:
                 self._promote(endpoint)
                 return answer
@@ -225,7 +225,7 @@ class EtcdClient:
                 self._promote(endpoint)
                 return endpoint, response
             data = await self._timed(read_body(response), self.timeout)
-            err = answer_error(endpoint, decode_answer(endpoint, data))
+            err = answer_error(endpoint, decode_answer(endpoint, response.code, data))
             if err.code != kv.GRPC_UNAVAILABLE:
                 raise err
             last = f"{endpoint}: {err.message}"

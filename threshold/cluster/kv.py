@@ -28,11 +28,16 @@ __all__ = [
     "Lease",
     "LeaseNotFound",
     "MalformedAnswer",
+    "Op",
     "Put",
     "Range",
     "RangeResult",
     "TxnResult",
     "as_key",
+    "b64",
+    "header_revision",
+    "int_field",
+    "op_json",
     "prefix_end",
 ]
 

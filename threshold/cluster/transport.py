@@ -139,13 +139,17 @@ def read_body(response: IResponse, limit: int = MAX_ANSWER_BYTES) -> Deferred[by
     return body.deferred
 
 
-def decode_answer(endpoint: str, data: bytes) -> dict[str, Any]:
+def decode_answer(endpoint: str, code: int, data: bytes) -> dict[str, Any]:
+    """The JSON object of an answer (HTTP status ``code``), or MalformedAnswer."""
     try:
         answer = json.loads(data)
-    except ValueError as e:
-        raise MalformedAnswer(endpoint, f"not JSON: {e}") from None
+    except ValueError:
+        answer = None
     if not isinstance(answer, dict):
-        raise MalformedAnswer(endpoint, "not a JSON object")
+        # Not etcd's gateway (a wrong port, a proxy's error page): show it.
+        raise MalformedAnswer(
+            endpoint, f"HTTP {code}, not a JSON object: {data[:80]!r}"
+        )
     return answer
 
 

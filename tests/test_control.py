@@ -344,6 +344,17 @@ class StateTests(SynchronousTestCase):
         self.assertRaises(AssertionError, control._move, ControlState.ACCEPTED)
 
 
+class BudgetTests(SynchronousTestCase):
+    def test_sessions_share_the_gateway_budget(self):
+        """Every client session draws its window growth from one budget."""
+        gw = Gateway(gateway_window_budget=1024 * 1024)
+        _, s1, _ = gw.dial("10.0.0.1")
+        _, s2, _ = gw.dial("10.0.0.2")
+        self.assertIs(s1.budget.parent, gw.factory.window_budget)
+        self.assertIs(s2.budget.parent, gw.factory.window_budget)
+        self.assertEqual(gw.factory.window_budget.limit, 1024 * 1024)
+
+
 class AdmissionTests(SynchronousTestCase):
     def test_pending_handshakes_limited(self):
         """Past MaxPendingHandshakes, new control connections are refused."""

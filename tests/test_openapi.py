@@ -23,20 +23,20 @@ from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SynchronousTestCase
 
 from threshold.server.api import ManagementAPI
-from threshold.server.routes import (
-    NotRestored,
-    RouteTable,
-    Tunnel,
-    TunnelError,
-    parse_tunnels,
-)
-from threshold.server.service import (
+from threshold.server.registry import (
     STATE_CLOSED,
     STATE_CONNECTED,
     STATE_ERROR,
     STATE_UNKNOWN,
     ClientRecord,
     ClientRegistry,
+)
+from threshold.server.routes import (
+    NotRestored,
+    RouteTable,
+    Tunnel,
+    TunnelError,
+    parse_tunnels,
 )
 
 SPEC_PATH = os.path.join(

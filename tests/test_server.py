@@ -14,14 +14,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import MuxSession, SessionConfig
+from threshold.server.control import ControlSettings
+from threshold.server.registry import STATE_CONNECTED
 from threshold.server.routes import TunnelError, parse_tunnels
-from threshold.server.service import (
-    STATE_CONNECTED,
-    ControlSettings,
-    TunnelServer,
-    read_state,
-    write_state,
-)
+from threshold.server.service import TunnelServer
+from threshold.server.statefile import read_state, write_state
 from threshold.server.stats import HandshakeFailure
 from threshold.testing import Collector
 from threshold.wire.handshake import encode_hello

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from threshold.logs import observer as log_observer
+from threshold.mux.budget import GATEWAY_WINDOW_BUDGET, WindowBudget
 from threshold.mux.session import MuxSession, ProtocolViolation, SessionConfig
 from threshold.relay import tune_transport
 from threshold.server.addresses import DEFAULT_IPV6_PREFIX, source_of
@@ -109,6 +110,9 @@ class ControlSettings:
     #: IPv6 sources sharing this prefix are one source.
     ipv6_prefix: int = DEFAULT_IPV6_PREFIX
     session: SessionConfig = SessionConfig()
+    #: Receive window every client session's streams may grow by together
+    #: (each session also within its own ``session.window_budget``).
+    gateway_window_budget: int = GATEWAY_WINDOW_BUDGET
 
 
 class ControlCounters(Protocol):
@@ -171,6 +175,7 @@ class ControlConnection:
             handler=self,
             config=self.settings.session,
             name=f"control connection from {peer}",
+            budget=factory.window_budget,
         )
 
     def __repr__(self) -> str:
@@ -346,7 +351,8 @@ class ControlFactory(Factory):
     """Builds a session per accepted control connection, within the shares.
 
     ``connections`` are the live control connections (for a graceful
-    stop), ``pending`` the slots of those not past the hello.
+    stop), ``pending`` the slots of those not past the hello,
+    ``window_budget`` the receive window all their sessions share.
     """
 
     def __init__(
@@ -366,6 +372,7 @@ class ControlFactory(Factory):
             settings.max_pending_per_source,
             evict=True,
         )
+        self.window_budget = WindowBudget(settings.gateway_window_budget)
 
     def buildProtocol(self, addr: object) -> MuxSession | RefusedConnection:  # noqa: N802
         """One control connection; past the shares, one cut at once."""

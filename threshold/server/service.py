@@ -28,23 +28,9 @@ from threshold.server.frontend import (
     FrontendLimits,
     public_admission,
 )
-from threshold.server.registry import (
-    STATE_CLOSED,
-    STATE_CONNECTED,
-    STATE_ERROR,
-    STATE_UNKNOWN,
-    ClientRecord,
-    ClientRegistry,
-    ClientState,
-)
+from threshold.server.registry import ClientRegistry
 from threshold.server.routes import RouteTable, TunnelError
-from threshold.server.statefile import (
-    StateFile,
-    StateFileError,
-    ThreadRunner,
-    read_state,
-    write_state,
-)
+from threshold.server.statefile import StateFile, StateFileError, ThreadRunner
 from threshold.server.stats import GatewayStats
 from threshold.wire.frames import GO_AWAY_NORMAL
 
@@ -58,20 +44,7 @@ if TYPE_CHECKING:
 
     from threshold.server.routes import GroupKey, Tunnel
 
-__all__ = [
-    "STATE_CLOSED",
-    "STATE_CONNECTED",
-    "STATE_ERROR",
-    "STATE_UNKNOWN",
-    "ClientRecord",
-    "ClientRegistry",
-    "ClientState",
-    "ControlSettings",
-    "StateFileError",
-    "TunnelServer",
-    "read_state",
-    "write_state",
-]
+__all__ = ["TunnelServer"]
 
 log = Logger(observer=log_observer)
 

@@ -21,14 +21,11 @@ from threshold.config import ConfigError, ServerConfig, load_server_config
 from threshold.logs import observer as log_observer
 from threshold.server import metrics
 from threshold.server.api import ManagementAPI
+from threshold.server.control import ControlSettings
 from threshold.server.frontend import FrontendLimits
-from threshold.server.service import (
-    ControlSettings,
-    StateFileError,
-    TunnelServer,
-    read_state,
-)
+from threshold.server.service import TunnelServer
 from threshold.server.site import ManagementLimits, management_site
+from threshold.server.statefile import StateFileError, read_state
 from threshold.tap.common import fail, listener, server_endpoint, session_config
 from threshold.tls import CONTROL_MINIMUM_TLS, server_options
 

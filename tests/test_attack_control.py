@@ -4,6 +4,7 @@ Connections that never start TLS cost an attacker nothing. Refreshed as
 they time out, from one or many addresses, they must not keep a real
 tunnel client from connecting; each must be cut at the handshake timeout;
 and one refused past the limits must be closed at once (under TLS too).
+A client's Go Away must show at once in the registry.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from tests.support import Deployment, wait_until
+from tests.support import Deployment, connect_user, free_port, tunnel, wait_until
+from threshold.mux.interfaces import StreamAcceptor
+from threshold.mux.session import MuxSession, SessionConfig
 from threshold.server.stats import HandshakeFailure, Limit
+from threshold.testing import Collector
+from threshold.wire.handshake import encode_hello
 
 CLIENT = "TestClient1"
 
@@ -168,3 +173,52 @@ class ControlAttackTests(TestCase):
         self.assertLess(extra.closed_after, 1.0)
         self.assertTrue(all(c.closed_after is None for c in held))
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class GoAwayTests(TestCase):
+    timeout = 20
+
+    async def test_go_away_shows_closed_at_once(self):
+        """A client that sends Go Away while a user's stream still runs is
+        ClientClosed in GET /clients at once, not when the stream ends."""
+        deployment = Deployment(False, self.mktemp())
+        deployment.start_server()
+        self.addCleanup(deployment.stop)
+        streams: list[Collector] = []
+
+        def accept(stream):
+            streams.append(Collector())
+            return streams[-1]
+
+        client = MuxSession(
+            client=True,
+            clock=reactor,
+            handler=StreamAcceptor(accept),
+            config=SessionConfig(keepalive_interval=0),
+        )
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", deployment.control_port)
+        await endpoint.connect(Factory.forProtocol(lambda: client))
+        self.addCleanup(client.close)
+        reply = Collector()
+        client.open_stream(reply).write(encode_hello(CLIENT))
+        await wait_until(lambda: b"\n" in reply.data, what="the hello reply")
+        port = free_port()
+        code, _ = await deployment.put_tunnels([tunnel(CLIENT, port, "svc")])
+        self.assertEqual(code, 200)
+        user = await connect_user(port)
+        self.addCleanup(user.transport.abortConnection)
+        await wait_until(lambda: streams, what="the user's stream")
+
+        client.go_away()
+        went_away = time.monotonic()
+
+        async def state() -> str:
+            code, clients = await deployment.get_json("/clients")
+            return clients[CLIENT]["CurrentState"]
+
+        while await state() != "ClientClosed":
+            self.assertLess(time.monotonic() - went_away, 2.0, "still connected")
+        self.assertLess(time.monotonic() - went_away, 1.0)
+        # The user's stream is still up: only the client's state changed.
+        self.assertIsNone(user.lost)
+        self.assertIsNone(streams[0].lost)

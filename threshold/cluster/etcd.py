@@ -48,6 +48,7 @@ from threshold.cluster.kv import (
 )
 from threshold.cluster.transport import (
     AttemptTimeout,
+    TrackedEndpoints,
     answer_error,
     decode_answer,
     describe,
@@ -101,12 +102,11 @@ class EtcdClient:
         # (a restart) would otherwise fail the next write, which Twisted's
         # pool retries only for idempotent methods and etcd's API is POST.
         self._pool = HTTPConnectionPool(reactor, persistent=False)
-        agent_args: dict[str, Any] = {"pool": self._pool}
-        if tls is not None:
-            agent_args["contextFactory"] = tls_policy(tls, source)
+        policy = tls_policy(tls, source) if tls is not None else None
         # Connecting gets part of the attempt's time, so a dead host fails
         # as "never sent" and a write can move on to the next endpoint.
-        agent = Agent(reactor, connectTimeout=max(timeout / 2, 0.05), **agent_args)
+        self._endpoints = TrackedEndpoints(reactor, policy, max(timeout / 2, 0.05))
+        agent = Agent.usingEndpointFactory(reactor, self._endpoints, pool=self._pool)
         self._http = treq.client.HTTPClient(agent)
         self._preferred = 0
         self._watches: set[Watch] = set()
@@ -355,11 +355,11 @@ class EtcdClient:
         return result
 
     def close(self) -> Deferred[None]:
-        """Stop every watch and refuse further calls."""
+        """Stop every watch, refuse further calls; fires once no connection is left."""
         self._closed = True
         for watch in list(self._watches):
             watch.cancel()
-        return self._pool.closeCachedConnections()
+        return self._endpoints.connections.close_all()
 
 
 def _stream_error(answer: dict[str, Any]) -> dict[str, Any]:

@@ -12,12 +12,21 @@ from urllib.parse import urlsplit
 
 from OpenSSL import SSL
 from twisted.internet import error
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    URI,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
 
 from threshold.cluster.kv import EtcdError, MalformedAnswer
 from threshold.config import ConfigError
@@ -158,3 +167,83 @@ def answer_error(endpoint: str, answer: dict[str, Any]) -> EtcdError:
     code = answer.get("code")
     message = answer.get("message") or answer.get("error") or "error"
     return EtcdError(endpoint, code if isinstance(code, int) else None, str(message))
+
+
+class Connections:
+    """The client's open connections, so that closing can wait for them all."""
+
+    def __init__(self) -> None:
+        self.open: set[ProtocolWrapper] = set()
+        self._waiting: list[Deferred[None]] = []
+
+    def add(self, protocol: ProtocolWrapper) -> None:
+        self.open.add(protocol)
+
+    def remove(self, protocol: ProtocolWrapper) -> None:
+        self.open.discard(protocol)
+        if not self.open:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
+
+    def close_all(self) -> Deferred[None]:
+        """Abort every connection; fires once each is gone."""
+        if not self.open:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        for protocol in list(self.open):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+        return d
+
+
+class _Tracking(WrappingFactory):
+    def __init__(self, wrapped: Factory, connections: Connections) -> None:
+        super().__init__(wrapped)
+        self._connections = connections
+
+    def registerProtocol(self, p: ProtocolWrapper) -> None:  # noqa: N802
+        self._connections.add(p)
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:  # noqa: N802
+        self._connections.remove(p)
+
+
+@implementer(IStreamClientEndpoint)
+class _TrackedEndpoint:
+    def __init__(self, endpoint: IStreamClientEndpoint, connections: Connections):
+        self._endpoint = endpoint
+        self._connections = connections
+
+    def connect(self, factory: Factory) -> Deferred[IProtocol]:
+        d = self._endpoint.connect(_Tracking(factory, self._connections))
+        return d.addCallback(lambda wrapper: wrapper.wrappedProtocol)
+
+
+@implementer(IAgentEndpointFactory)
+class TrackedEndpoints:
+    """Agent endpoints as Twisted's own (TCP, TLS for https), each tracked."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        policy: IPolicyForHTTPS | None,
+        connect_timeout: float,
+    ) -> None:
+        self._reactor = reactor
+        self._policy = policy
+        self._timeout = connect_timeout
+        self.connections = Connections()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:  # noqa: N802
+        host = uri.host.decode("ascii")
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self._reactor, host, uri.port, timeout=self._timeout
+        )
+        if uri.scheme == b"https":
+            if self._policy is None:
+                raise ValueError("https without TLS settings")
+            creator = self._policy.creatorForNetloc(uri.host, uri.port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        return _TrackedEndpoint(endpoint, self.connections)

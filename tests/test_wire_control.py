@@ -18,7 +18,13 @@ from threshold.wire.control import (
     health_line_fits,
     parse_control_line,
 )
-from threshold.wire.handshake import MAX_LINE
+from threshold.wire.handshake import (
+    MAX_LINE,
+    HandshakeError,
+    HelloReply,
+    encode_hello_reply,
+    parse_hello_reply,
+)
 
 service_names = st.text(
     alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp", "Cf", "Co")),
@@ -230,3 +236,28 @@ def _encode_full(states, detail) -> bytes:
     if detail:
         obj["detail"] = detail
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+class HelloReplyGatewayTests(SynchronousTestCase):
+    """The optional gateway id of an accepting hello reply."""
+
+    def test_sent_and_read(self):
+        """An accepting reply may name its gateway; the client reads it back."""
+        line = encode_hello_reply(True, gateway="eu-1")
+        self.assertEqual(line, b'{"ok":true,"gateway":"eu-1"}\n')
+        self.assertEqual(parse_hello_reply(line), HelloReply(True, gateway="eu-1"))
+
+    def test_absent(self):
+        """An older gateway's reply has no id: None."""
+        self.assertEqual(encode_hello_reply(True), b'{"ok":true}\n')
+        self.assertIsNone(parse_hello_reply(b'{"ok":true}').gateway)
+        self.assertIsNone(parse_hello_reply(b'{"ok":true,"gateway":null}').gateway)
+
+    def test_invalid(self):
+        """An id that is not 1 to 128 of [A-Za-z0-9._-] is a bad reply."""
+        for value in ['"a b"', "5", '""', '"x\\n"']:
+            with self.assertRaises(HandshakeError) as caught:
+                parse_hello_reply(b'{"ok":true,"gateway":' + value.encode() + b"}")
+            self.assertIn('field "gateway"', str(caught.exception))
+        with self.assertRaises(HandshakeError):
+            encode_hello_reply(True, gateway="no spaces")

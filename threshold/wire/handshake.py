@@ -77,6 +77,14 @@ class HelloReply:
     error: str | None = field(
         "error", TEXT, None, nullable=True, doc="Why it was refused."
     )
+    gateway: str | None = field(
+        "gateway",
+        CLIENT_ID,
+        None,
+        nullable=True,
+        doc="The gateway's id (optional), so a client of several gateways can"
+        " tell them apart in its logs and admin API.",
+    )
 
 
 @dataclass(frozen=True)
@@ -195,10 +203,13 @@ def parse_hello(line: bytes) -> Hello:
     return hello
 
 
-def encode_hello_reply(ok: bool, error: str | None = None) -> bytes:
+def encode_hello_reply(
+    ok: bool, error: str | None = None, gateway: str | None = None
+) -> bytes:
     """Encode the server's answer to a hello.
 
     A long ``error`` is shortened so the line stays within ``MAX_LINE``.
+    ``gateway``: the gateway's id, sent in an accepting reply when given.
     """
     if not isinstance(ok, bool):
         raise HandshakeError(f"ok must be a bool, got {show(ok)}")
@@ -207,7 +218,11 @@ def encode_hello_reply(ok: bool, error: str | None = None) -> bytes:
     if ok:
         if error is not None:
             raise HandshakeError("an accepting reply carries no error")
-        return _encode({"ok": True})
+        if gateway is None:
+            return _encode({"ok": True})
+        return _encode(
+            {"ok": True, "gateway": _check(CLIENT_ID, gateway, "gateway", "reply")}
+        )
     if error is None:
         error = "refused"
     if len(error) > _MAX_ERROR:
@@ -223,7 +238,7 @@ def parse_hello_reply(line: bytes) -> HelloReply:
         _HELLO_REPLY, _decode(line, "hello reply"), "hello reply"
     )
     if reply.ok and reply.error is not None:
-        return HelloReply(True)
+        return HelloReply(True, gateway=reply.gateway)
     return reply
 
 

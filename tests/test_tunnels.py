@@ -8,7 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from threshold.server.tunnels import TUNNEL, Tunnel, TunnelError, parse_tunnels
+from threshold.server.tunnels import (
+    TUNNEL,
+    Balance,
+    Tunnel,
+    TunnelError,
+    parse_tunnels,
+)
 from threshold.wire.handshake import (
     HandshakeError,
     encode_hello,
@@ -33,7 +39,7 @@ def entry(**fields: Any) -> dict[str, Any]:
 def tunnel(**fields: Any) -> Tunnel:
     """A Tunnel built directly, with fields overridden."""
     base: dict[str, Any] = dict(
-        client_id="TestClient1",
+        client_ids=("TestClient1",),
         listen_address="127.0.0.1",
         listen_port=9000,
         hostname_glob="*",
@@ -71,7 +77,7 @@ class ParseTunnelsTests(SynchronousTestCase):
         self.assertEqual(
             t,
             Tunnel(
-                client_id="TestClient1",
+                client_ids=("TestClient1",),
                 listen_address="127.0.0.1",
                 listen_port=9000,
                 hostname_glob="*",
@@ -89,6 +95,7 @@ class ParseTunnelsTests(SynchronousTestCase):
         self.assertEqual(
             js,
             {
+                "ClientIds": ["TestClient1"],
                 "ClientId": "TestClient1",
                 "ListenAddress": "127.0.0.1",
                 "ListenPort": 9000,
@@ -96,6 +103,7 @@ class ParseTunnelsTests(SynchronousTestCase):
                 "BackEndService": "fooService",
                 "HaProxyProxyProtocol": True,
                 "HaProxyProxyProtocolVersion": 1,
+                "Balance": "failover",
             },
         )
         self.assertEqual(parse_tunnels([js]), [t])
@@ -146,8 +154,9 @@ class ParseTunnelsTests(SynchronousTestCase):
         )
 
     def test_client_id_invalid(self):
-        """ClientId missing, empty or not a string is 400."""
-        self.assertRefused([entry(ClientId=None)], 400, 0, "ClientId")
+        """No client at all, or a ClientId empty or not a string, is 400."""
+        error = self.assertRefused([entry(ClientId=None)], 400, 0, "ClientIds")
+        self.assertIn('"ClientId"', error.message)
         self.assertRefused([entry(ClientId="")], 400, 0, "ClientId")
         self.assertRefused([entry(ClientId=7)], 400, 0, "ClientId")
         self.assertRefused(
@@ -276,11 +285,13 @@ class ParseTunnelsTests(SynchronousTestCase):
             self.assertEqual(parse_tunnels([entry(ClientId=name)])[0].client_id, name)
 
     def test_to_json_is_the_table(self):
-        """to_json writes every field of the table, in its order."""
-        [t] = parse_tunnels([entry()])
-        self.assertEqual(
-            list(t.to_json()), [f.json for f in TUNNEL.fields if f.json is not None]
-        )
+        """to_json writes every field of the table, in its order (ClientId
+        only for a tunnel of one client)."""
+        [one] = parse_tunnels([entry()])
+        fields = [f.json for f in TUNNEL.fields if f.json is not None]
+        self.assertEqual(list(one.to_json()), fields)
+        [two] = parse_tunnels([entry(ClientId=None, ClientIds=["a", "b"])])
+        self.assertEqual(list(two.to_json()), [f for f in fields if f != "ClientId"])
 
     def test_proxy_protocol_invalid(self):
         """HaProxyProxyProtocol must be a boolean."""
@@ -340,3 +351,106 @@ class ParseTunnelsTests(SynchronousTestCase):
             tunnel(listen_port=0)
         self.assertEqual((cm.exception.status, cm.exception.field), (400, "ListenPort"))
         self.assertIsNone(cm.exception.index)
+
+
+class SeveralClientsTests(SynchronousTestCase):
+    """ClientIds, the single ClientId of older automation, and Balance."""
+
+    def refused(self, body: object) -> TunnelError:
+        with self.assertRaises(TunnelError) as cm:
+            parse_tunnels(body)
+        self.assertEqual(cm.exception.status, 400)
+        return cm.exception
+
+    def test_client_ids(self):
+        """ClientIds lists the clients in order; client_id is the first."""
+        [t] = parse_tunnels([entry(ClientId=None, ClientIds=["home-a", "home-b"])])
+        self.assertEqual(t.client_ids, ("home-a", "home-b"))
+        self.assertEqual(t.client_id, "home-a")
+        self.assertIs(t.balance, Balance.FAILOVER)
+
+    def test_single_client_id_is_a_list_of_one(self):
+        """ClientId (or ClientIdentifier) alone means ClientIds of one."""
+        [a] = parse_tunnels([entry(ClientId="home-a")])
+        [b] = parse_tunnels([entry(ClientId=None, ClientIdentifier="home-a")])
+        [c] = parse_tunnels([entry(ClientId=None, ClientIds=["home-a"])])
+        self.assertEqual(a, b)
+        self.assertEqual(a, c)
+        self.assertEqual(a.client_ids, ("home-a",))
+
+    def test_both_agreeing(self):
+        """ClientId with ClientIds of that one client is accepted (re-PUT)."""
+        [t] = parse_tunnels([entry(ClientId="home-a", ClientIds=["home-a"])])
+        self.assertEqual(t.client_ids, ("home-a",))
+
+    def test_both_differing(self):
+        """ClientId and a different ClientIds: 400 naming both fields."""
+        for listed in (["home-b"], ["home-a", "home-b"]):
+            error = self.refused([entry(ClientId="home-a", ClientIds=listed)])
+            self.assertEqual((error.index, error.field), (0, "ClientId"))
+            self.assertIn('"ClientIds"', error.message)
+            self.assertIn('"ClientId"', error.message)
+        error = self.refused(
+            [entry(ClientId=None, ClientIdentifier="x", ClientIds=["y"])]
+        )
+        self.assertEqual(error.field, "ClientIdentifier")
+
+    def test_client_ids_bounds(self):
+        """1 to 16 clients: an empty list or 17 are 400."""
+        sixteen = [f"c{i}" for i in range(16)]
+        [t] = parse_tunnels([entry(ClientId=None, ClientIds=sixteen)])
+        self.assertEqual(len(t.client_ids), 16)
+        for bad in ([], [*sixteen, "c16"], "home-a", None, {"a": 1}):
+            body = [entry(ClientId=None)]
+            body[0]["ClientIds"] = bad
+            error = self.refused(body)
+            self.assertEqual(error.field, "ClientIds", error.message)
+
+    def test_client_ids_unique(self):
+        """A client listed twice is 400 naming the repeat."""
+        error = self.refused([entry(ClientId=None, ClientIds=["a", "b", "a"])])
+        self.assertEqual(error.field, "ClientIds[2]")
+        self.assertIn("listed twice", error.message)
+
+    def test_client_ids_rule(self):
+        """Each ClientId follows the hello's rule, its place named."""
+        error = self.refused([entry(ClientId=None, ClientIds=["a", "b@c"])])
+        self.assertEqual(error.field, "ClientIds[1]")
+        self.assertIn('"@" is not allowed', error.message)
+
+    def test_balance(self):
+        """Balance is one of the three modes, by name; anything else is 400."""
+        for mode in Balance:
+            [t] = parse_tunnels([entry(Balance=mode.value)])
+            self.assertIs(t.balance, mode)
+            self.assertEqual(t.to_json()["Balance"], mode.value)
+        for bad in ("Failover", "random", 1, None, True):
+            body = [entry()]
+            body[0]["Balance"] = bad
+            self.assertEqual(self.refused(body).field, "Balance")
+
+    def test_several_clients_round_trip(self):
+        """to_json of several clients has no ClientId and parses back the same."""
+        [t] = parse_tunnels(
+            [entry(ClientId=None, ClientIds=["b", "a"], Balance="least-connections")]
+        )
+        js = t.to_json()
+        self.assertNotIn("ClientId", js)
+        self.assertEqual(js["ClientIds"], ["b", "a"])
+        self.assertEqual(parse_tunnels([js]), [t])
+
+    def test_constructor(self):
+        """A Tunnel built from Python takes a list and keeps a tuple."""
+        t = tunnel(client_ids=["a", "b"], balance=Balance.ROUND_ROBIN)
+        self.assertEqual(t.client_ids, ("a", "b"))
+        with self.assertRaises(TunnelError) as cm:
+            tunnel(client_ids=None)
+        self.assertEqual(cm.exception.field, "ClientIds")
+
+    def test_duplicates_across_entries(self):
+        """Two entries of one group and glob are duplicates whatever clients."""
+        body = [
+            entry(ClientId=None, ClientIds=["a", "b"]),
+            entry(ClientId=None, ClientIds=["c"]),
+        ]
+        self.assertEqual(self.refused(body).field, "ListenHostnameGlob")

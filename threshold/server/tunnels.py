@@ -5,6 +5,13 @@ table in docs/api.md is generated from it) with the validators every other
 parser uses, so a service name the stream header would refuse is refused
 here too. ``parse_tunnels`` checks a whole body and names the entry and
 field of the first error; ``RouteTable`` (routes.py) applies the result.
+
+A tunnel names one or more clients, ``ClientIds`` (1 to 16, no repeat),
+balanced by ``Balance`` (:mod:`threshold.server.balance`). The single
+``ClientId`` (or ``ClientIdentifier``) of older automation is a list of
+one; ``to_json`` writes ``ClientIds`` always and ``ClientId`` too when
+there is exactly one client, so old readers keep working and every answer
+can be sent back as it is.
 """
 
 from __future__ import annotations
@@ -21,23 +28,96 @@ from threshold.schema import (
     PORT,
     SERVICE_NAME,
     Choice,
+    Field,
+    Kind,
     Schema,
     SchemaError,
     field,
     format_address,
+    show,
 )
+from threshold.server.balance import Balance
 
 __all__ = [
+    "MAX_CLIENTS_PER_TUNNEL",
     "TUNNEL",
+    "Balance",
     "GroupKey",
     "Tunnel",
     "TunnelError",
+    "TunnelKey",
     "check_duplicates",
     "format_address",
     "parse_tunnels",
 ]
 
 GroupKey = tuple[str, int]
+#: A tunnel's identity: (ListenAddress, ListenPort, ListenHostnameGlob).
+TunnelKey = tuple[str, int, str]
+
+#: Most clients one tunnel may name.
+MAX_CLIENTS_PER_TUNNEL = 16
+
+
+class _ClientIds(Kind):
+    """1 to 16 distinct ClientIds, kept as a tuple."""
+
+    expected = f"a list of 1 to {MAX_CLIENTS_PER_TUNNEL} client ids"
+    doc = f"list of 1–{MAX_CLIENTS_PER_TUNNEL} client ids"
+
+    def check(self, value: object, base_dir: str | None = None) -> tuple[str, ...]:
+        if not isinstance(value, list | tuple) or not (
+            1 <= len(value) <= MAX_CLIENTS_PER_TUNNEL
+        ):
+            raise self.wrong(value)
+        seen: dict[str, int] = {}
+        for i, item in enumerate(value):
+            try:
+                CLIENT_ID.check(item)
+            except SchemaError as e:
+                raise e.within(f"[{i}]") from None
+            if item in seen:
+                raise SchemaError(
+                    f"{show(item)} is listed twice (entries {seen[item]} and {i})",
+                    f"[{i}]",
+                )
+            seen[item] = i
+        return tuple(value)
+
+    def to_json(self, value: Any) -> object:
+        return list(value)
+
+
+class _BalanceKind(Kind):
+    expected = ", ".join(f'"{m.value}"' for m in Balance)
+    doc = "`failover`, `round-robin` or `least-connections`"
+
+    def check(self, value: object, base_dir: str | None = None) -> Balance:
+        if isinstance(value, str):
+            for mode in Balance:
+                if value == mode.value:
+                    return mode
+        raise self.wrong(value)
+
+    def to_json(self, value: Any) -> object:
+        return Balance(value).value
+
+
+CLIENT_IDS = _ClientIds()
+BALANCE = _BalanceKind()
+
+#: The single-client name of older automation: read by ``_parse_entry`` into
+#: ``ClientIds``, written by ``to_json`` for a tunnel of one client.
+_CLIENT_ID = Field(
+    "ClientId",
+    CLIENT_ID,
+    None,
+    doc="One client, for a tunnel of one: the same as `ClientIds` with one entry."
+    " Written back (with `ClientIds`) when the tunnel has exactly one client."
+    " Giving both is allowed only when `ClientIds` is that one client.",
+    aliases=("ClientIdentifier",),
+    default_doc="",
+)
 
 
 class TunnelError(Exception):
@@ -85,12 +165,15 @@ class Tunnel:
     ``"*"``); an invalid field raises ``TunnelError`` (400) naming it.
     """
 
-    client_id: str = field(
-        "ClientId",
-        CLIENT_ID,
-        aliases=("ClientIdentifier",),
-        doc="The client that carries the connections: its `ClientId` (the Common"
-        " Name of its certificate, or `ClientId@Domain`).",
+    client_ids: tuple[str, ...] = field(
+        "ClientIds",
+        CLIENT_IDS,
+        None,
+        default_doc="required (or `ClientId`)",
+        doc="The clients that can carry the connections, in order of preference:"
+        " each one's `ClientId` (the Common Name of its certificate, or"
+        " `ClientId@Domain`). A client need not be connected: while none is"
+        " healthy, users are closed (`no_healthy_client`).",
     )
     listen_address: str = field(
         "ListenAddress",
@@ -128,25 +211,60 @@ class Tunnel:
         1,
         doc="PROXY header version: 1 is text, 2 is binary.",
     )
+    balance: Balance = field(
+        "Balance",
+        BALANCE,
+        Balance.FAILOVER,
+        doc="How new connections are spread over the healthy clients:"
+        " `failover` (the first healthy one in `ClientIds` order takes them all,"
+        " and takes them again when it is back), `round-robin`, or"
+        " `least-connections` (fewest of this tunnel's connections open). See"
+        " [Several clients](#several-clients-balance-and-health).",
+    )
 
     def __post_init__(self) -> None:
         try:
             TUNNEL.validate(self)
+            if self.client_ids is None:
+                raise SchemaError(
+                    'required field is missing (or give "ClientId" for one client)',
+                    "ClientIds",
+                )
         except SchemaError as e:
             raise TunnelError.invalid(e) from None
+
+    @property
+    def client_id(self) -> str:
+        """The first client (the one a failover tunnel prefers)."""
+        return self.client_ids[0]
 
     @property
     def group(self) -> GroupKey:
         """The listening socket this tunnel shares: (address, port)."""
         return (self.listen_address, self.listen_port)
 
+    @property
+    def key(self) -> TunnelKey:
+        """The tunnel's identity in counters and status: address, port, glob."""
+        return (self.listen_address, self.listen_port, self.hostname_glob)
+
     def to_json(self) -> dict[str, Any]:
-        """The tunnel with the management API's field names."""
-        return TUNNEL.to_json(self)
+        """The tunnel with the management API's field names, in table order.
+
+        ``ClientId`` is written too when there is one client, for
+        automation that reads only that field.
+        """
+        body = TUNNEL.to_json(self)
+        if len(self.client_ids) != 1:
+            return body
+        first, *rest = body.items()
+        return dict([first, ("ClientId", self.client_ids[0]), *rest])
 
 
-#: The table of :class:`Tunnel` (checked by its constructor).
-TUNNEL = Schema(Tunnel, checked_by_init=True)
+#: The table of :class:`Tunnel` (checked by its constructor). ``ClientId``
+#: is no attribute; the docs list it right after ``ClientIds``.
+TUNNEL = Schema(Tunnel, checked_by_init=True, ignored=[_CLIENT_ID])
+TUNNEL.fields = (TUNNEL.fields[0], TUNNEL.fields[-1], *TUNNEL.fields[1:-1])
 
 
 def _type_name(value: object) -> str:
@@ -161,13 +279,37 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _single_client(entry: dict[Any, Any]) -> tuple[str, str] | None:
+    """The ``ClientId`` (or ``ClientIdentifier``) given: (name used, value)."""
+    for name in (_CLIENT_ID.json, *_CLIENT_ID.aliases):
+        if name in entry:
+            value = entry[name]
+            try:
+                return name, CLIENT_ID.check(value)
+            except SchemaError as e:
+                raise e.within(name) from None
+    return None
+
+
 def _parse_entry(entry: dict[Any, Any]) -> Tunnel:
+    # Unknown fields, and ClientId against ClientIdentifier, are checked here.
     values, _ = TUNNEL.collect(entry)
+    single = _single_client(entry)
+    if single is not None and values.get("client_ids") is None:
+        values["client_ids"] = (single[1],)
     try:
-        return Tunnel(**values)
+        tunnel = Tunnel(**values)
     except TunnelError as e:
         assert e.schema_error is not None
         raise TUNNEL.as_given(e.schema_error, entry) from None
+    if single is not None and tunnel.client_ids != (single[1],):
+        name, value = single
+        raise SchemaError(
+            f'{show(value)} and "ClientIds" {show(list(tunnel.client_ids))} differ:'
+            f' give "ClientIds" alone, or "{name}" equal to its only entry',
+            name,
+        )
+    return tunnel
 
 
 def check_duplicates(tunnels: Sequence[Tunnel]) -> None:

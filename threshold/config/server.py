@@ -10,8 +10,15 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
+from threshold.config.policy import (
+    CLIENT_POLICIES,
+    CLIENT_POLICY_KIND,
+    NO_CLIENT_POLICY,
+    ClientPolicy,
+)
 from threshold.mux.settings import SESSION
 from threshold.schema import (
     BOOLEAN,
@@ -29,6 +36,7 @@ from threshold.schema import (
     field,
     like,
 )
+from threshold.schema.policy_kinds import CIDR_LIST, EMPTY_CIDRS, CidrList, Rate
 from threshold.wire.clienthello import DEFAULT_MAX_SIZE as _CLIENT_HELLO_DEFAULT
 
 __all__ = ["DEBUG_LOG", "SERVER", "TLS_FILES", "ServerConfig", "check_server"]
@@ -253,6 +261,63 @@ class ServerConfig:
         doc="Serve the management API on this Unix socket (created mode 0600)"
         " instead of `ManagementPort`: the file's permissions are the access"
         " control, and nothing listens on the network for management.",
+    )
+    # Access policy and fair use (docs/policy.md).
+    default_allow_source_cidrs: CidrList = field(
+        "DefaultAllowSourceCidrs",
+        CIDR_LIST,
+        EMPTY_CIDRS,
+        doc="Sources that may reach any tunnel; `[]`: every source. A tunnel's"
+        " and its client's lists must allow the source too. See docs/policy.md.",
+    )
+    default_deny_source_cidrs: CidrList = field(
+        "DefaultDenySourceCidrs",
+        CIDR_LIST,
+        EMPTY_CIDRS,
+        doc="Sources refused on every tunnel (deny wins over any allow list).",
+    )
+    default_new_connection_rate: float = field(
+        "DefaultMaxNewConnectionsPerSecondPerSourceIp",
+        Rate(1_000_000),
+        0.0,
+        doc="New connections per second one source may open on one tunnel, for"
+        " tunnels whose `MaxNewConnectionsPerSecondPerSourceIp` is `null`. `0`:"
+        " no limit.",
+    )
+    default_new_connection_burst: int = field(
+        "DefaultNewConnectionBurst",
+        Integer(0, 1_000_000),
+        0,
+        doc="The burst that goes with it; `0`: one second's worth.",
+    )
+    rate_limit_max_sources: int = field(
+        "RateLimitMaxSources",
+        Integer(1024, 10_000_000),
+        65536,
+        doc="Most (tunnel, source) pairs whose connection rate is tracked at once"
+        " (about 150 bytes each); past it, the least recently seen are forgotten."
+        " Bounds memory under a flood of many source addresses.",
+    )
+    client_policies: Mapping[str, ClientPolicy] = field(
+        "ClientPolicies",
+        CLIENT_POLICIES,
+        MappingProxyType({}),
+        doc='Per client, across all its tunnels: `{"home-a": {"QuotaBytes": ...}}`'
+        " (source lists, bandwidth, quota; see docs/policy.md). A client listed"
+        " here has only its entry; others have `DefaultClientPolicy`.",
+    )
+    default_client_policy: ClientPolicy = field(
+        "DefaultClientPolicy",
+        CLIENT_POLICY_KIND,
+        NO_CLIENT_POLICY,
+        doc="The policy of every client not in `ClientPolicies`.",
+    )
+    quota_save_interval_seconds: float = field(
+        "QuotaSaveIntervalSeconds",
+        Seconds(),
+        10.0,
+        doc="How often quota usage is written to the `StateFile` (and at stop);"
+        " a crash loses at most this much counting.",
     )
     #: Name of the config file, the prefix of error messages (e.g. from tls).
     source: str = "server config"

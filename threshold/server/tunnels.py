@@ -36,6 +36,8 @@ from threshold.schema import (
     format_address,
     show,
 )
+from threshold.schema.kinds import Bytes, Integer
+from threshold.schema.policy_kinds import CIDR_LIST, EMPTY_CIDRS, CidrList, Rate
 from threshold.server.balance import Balance
 
 __all__ = [
@@ -220,6 +222,52 @@ class Tunnel:
         " and takes them again when it is back), `round-robin`, or"
         " `least-connections` (fewest of this tunnel's connections open). See"
         " [Several clients](#several-clients-balance-and-health).",
+    )
+    # Access policy and fair use: see docs/policy.md.
+    allow_source_cidrs: CidrList = field(
+        "AllowSourceCidrs",
+        CIDR_LIST,
+        EMPTY_CIDRS,
+        doc="Sources (IPv4/IPv6 CIDRs) that may connect; `[]`: every source. An"
+        " IPv4-mapped IPv6 source is matched as IPv4. See docs/policy.md.",
+    )
+    deny_source_cidrs: CidrList = field(
+        "DenySourceCidrs",
+        CIDR_LIST,
+        EMPTY_CIDRS,
+        doc="Sources refused even if allowed (deny wins), closed before any"
+        " stream is opened (`denied_source`).",
+    )
+    new_connection_rate: float | None = field(
+        "MaxNewConnectionsPerSecondPerSourceIp",
+        Rate(1_000_000),
+        None,
+        nullable=True,
+        doc="New connections per second one source (an IPv6 /64) may open on this"
+        " tunnel; more are refused (`rate_limited`). `null`: the gateway's"
+        " `DefaultMaxNewConnectionsPerSecondPerSourceIp`; `0`: no limit.",
+    )
+    new_connection_burst: int = field(
+        "NewConnectionBurst",
+        Integer(0, 1_000_000),
+        0,
+        doc="Connections a source may open at once before the rate applies;"
+        " `0`: one second's worth (the rate rounded up).",
+    )
+    bandwidth: int = field(
+        "BandwidthBytesPerSecond",
+        Bytes(0, 10**12),
+        0,
+        doc="Bytes per second this tunnel's connections may move together, each"
+        " direction on its own, shaped by backpressure (never dropped). `0`: no"
+        " limit.",
+    )
+    bandwidth_burst: int = field(
+        "BandwidthBurstBytes",
+        Bytes(0, 10**12),
+        0,
+        doc="Bytes a direction may move at once above the rate; `0`: one"
+        " second's worth (`BandwidthBytesPerSecond`).",
     )
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Per-client policy of the server config: ``ClientPolicies`` and ``DefaultClientPolicy``.
+"""Per-client policy in the server config: ``ClientPolicies``, ``DefaultClientPolicy``.
 
 A client's policy covers all its tunnels: sources it may be reached from,
 the bandwidth its tunnels share, and its traffic quota. One table of
@@ -159,7 +159,8 @@ class _ClientPoliciesKind(Kind):
             try:
                 policies[client_id] = CLIENT_POLICY_KIND.check(entry)
             except SchemaError as e:
-                raise e.within(f".{client_id}." if e.field else f".{client_id}") from None
+                where = f".{client_id}." if e.field else f".{client_id}"
+                raise e.within(where) from None
         return MappingProxyType(policies)
 
     def to_json(self, value: Any) -> object:

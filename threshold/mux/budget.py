@@ -130,11 +130,11 @@ def next_window(
     trips, so the window, not the reader, limits throughput.
     """
     extra = window - INITIAL_WINDOW
-    share = budget.fair_share()
-    if extra > share and budget.under_pressure():
+    if extra > 0 and budget.under_pressure() and extra > budget.fair_share():
         return max(INITIAL_WINDOW, window // 2)
     if not drained_fast or window >= max_window:
         return window
+    share = budget.fair_share()
     # Doubling, as QUIC stacks and gRPC's BDP estimator do, or what the
     # budget still has if that is less.
     grow = min(window, max_window - window, budget.available())
@@ -153,24 +153,22 @@ class ReceiveWindow:
     also when the consumed bytes are granted back to the peer.
     """
 
-    __slots__ = ("_session", "size", "left", "_consumed", "_epoch_start", "_claimed")
+    __slots__ = ("_session", "size", "left", "consumed", "_epoch_start", "_claimed")
 
     def __init__(self, session: StreamSession) -> None:
         self._session = session
         self.size = INITIAL_WINDOW
         self.left = INITIAL_WINDOW
-        self._consumed = 0
+        #: Bytes handed on since the last grant (the stream counts them).
+        self.consumed = 0
         self._epoch_start = session.clock.seconds()
         #: Counted among the budget's claimants (its reader kept up at the
         #: last grant), so that a full budget makes room for it.
         self._claimed = False
 
-    def consume(self, count: int) -> int:
-        """``count`` bytes were handed on: the Window Update delta due, or 0."""
-        self._consumed += count
-        # Rounded up, so that halving the window never grants less than 0.
-        if self._consumed * 2 < self.size:
-            return 0
+    def grant(self) -> int:
+        """The reader has consumed half the window (``consumed``): resize the
+        window and return the Window Update delta due (0: none)."""
         session = self._session
         now = session.clock.seconds()
         size = self.size
@@ -179,7 +177,7 @@ class ReceiveWindow:
         # the window in well under two round trips is held back by the
         # window, not by itself.
         fast = rtt is not None and now - self._epoch_start < (
-            4 * self._consumed / size * rtt
+            4 * self.consumed / size * rtt
         )
         budget = session.budget
         if fast != self._claimed:
@@ -191,9 +189,9 @@ class ReceiveWindow:
             self.size = new
         # Shrinking grants less than was read (what was read less half the
         # window: at least 0, as half the window was read).
-        delta = self._consumed + new - size
+        delta = self.consumed + new - size
         self._epoch_start = now
-        self._consumed = 0
+        self.consumed = 0
         self.left += delta
         return delta
 

@@ -60,7 +60,11 @@ class StreamSession(Protocol):
 
 
 class SessionHandler(Protocol):
-    """What a session tells the role that owns it."""
+    """What a session tells the role that owns it.
+
+    A handler may also have ``go_away_received(session, code)``, called as
+    soon as the peer sends Go Away (before its last stream ends).
+    """
 
     def session_started(self, session: MuxSession) -> None:
         """The transport is up and the session registered as its producer."""

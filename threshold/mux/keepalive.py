@@ -57,7 +57,8 @@ class Keepalive:
         self._next_call: IDelayedCall | None = None
         self._timeout_call: IDelayedCall | None = None
         self._samples: deque[float] = deque(maxlen=RTT_SAMPLES)
-        self._answer_due: int | None = None
+        #: The value of the latest Ping not answered yet.
+        self.answer_due: int | None = None
         #: The latest round trip measured (seconds), None before the first.
         self.rtt: float | None = None
 
@@ -77,19 +78,19 @@ class Keepalive:
             if call is not None and call.active():
                 call.cancel()
         self._next_call = self._timeout_call = None
-        self._answer_due = None
+        self.answer_due = None
 
     def ping_received(self, flags: int, value: int) -> None:
         """A Ping from the peer: a question to answer, or the answer to ours."""
         if flags & FLAG_SYN:
-            self._answer_due = value
+            self.answer_due = value
         elif flags & FLAG_ACK:
             self._answered(value)
 
     def send_answer(self) -> None:
         """Answer the latest Ping not answered yet (when the transport has room)."""
-        if self._answer_due is not None:
-            value, self._answer_due = self._answer_due, None
+        if self.answer_due is not None:
+            value, self.answer_due = self.answer_due, None
             self._write(encode_header(TYPE_PING, FLAG_ACK, 0, value))
 
     def _answered(self, value: int) -> None:

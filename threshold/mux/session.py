@@ -83,6 +83,10 @@ if TYPE_CHECKING:
     from threshold.mux.interfaces import SessionHandler
 
 
+# Read per frame written: an attribute of an Enum class costs about 0.15 µs.
+_CLOSED = SessionState.CLOSED
+
+
 @implementer(IPushProducer)
 class MuxSession(Protocol):
     """One yamux session over ``self.transport``.
@@ -142,7 +146,7 @@ class MuxSession(Protocol):
     @property
     def closed(self) -> bool:
         """True once the connection is gone."""
-        return self.state is SessionState.CLOSED
+        return self.state is _CLOSED
 
     @property
     def rtt(self) -> float | None:
@@ -330,7 +334,7 @@ class MuxSession(Protocol):
             self.log.failure("{name}: internal error handling a frame", name=self.name)
             self.go_away(GO_AWAY_INTERNAL_ERROR)
             return b""
-        if not self.write_blocked:
+        if self._keepalive.answer_due is not None and not self.write_blocked:
             self._keepalive.send_answer()
         if used == len(data) or self.state not in READING:
             return b""
@@ -477,7 +481,7 @@ class MuxSession(Protocol):
         )
 
     def _write(self, data: bytes) -> None:
-        if self.closed or self.transport is None:
+        if self.state is _CLOSED or self.transport is None:
             return
         if self.config.debug_frames:
             self.log_frame("sent", *decode_header(data))

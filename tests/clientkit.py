@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 
+from threshold.client.gateway import GatewayLink
 from threshold.client.session import ClientSession, session_factory
 from threshold.client.settings import ClientSettings
 from threshold.mux.interfaces import StreamAcceptor
@@ -21,19 +22,35 @@ HELLO_TIMEOUT = 10.0
 
 
 class HelloAnswer(Collector):
-    """Stream 1 on a fake server: answer the hello with ``reply``."""
+    """Stream 1 on a fake server: answer the hello with ``reply``.
 
-    def __init__(self, reply: bytes, seen: list) -> None:
+    The lines the client sends after the hello (the control channel) are
+    kept in ``lines``; ``close_after_reply`` FINs stream 1 after the reply,
+    as gateways did before the control channel.
+    """
+
+    def __init__(self, reply: bytes, seen: list, close_after_reply: bool = False):
         super().__init__()
         self.reply = reply
         self.seen = seen
+        self.close_after_reply = close_after_reply
         self.buffer = LineBuffer()
+        self.lines: list[bytes] = []
+        self.answered = False
 
     def dataReceived(self, data):  # noqa: N802
-        line, _ = self.buffer.feed(data)
-        if line is not None:
+        while data:
+            line, data = self.buffer.feed(data)
+            if line is None:
+                return
+            if self.answered:
+                self.lines.append(line + b"\n")
+                continue
+            self.answered = True
             self.seen.append(parse_hello(line))
             self.transport.write(self.reply)
+            if self.close_after_reply:
+                self.transport.loseConnection()
 
 
 class FakeEndpoint:
@@ -70,7 +87,6 @@ def make_settings(
     values: dict[str, Any] = dict(
         client_id="TestClient1",
         services={"web": ("127.0.0.1", 8080)},
-        server="server:9056",
         clock=clock or Clock(),
         local_endpoint=endpoint or FakeEndpoint(),
         session_config=SessionConfig(keepalive_interval=0),
@@ -93,30 +109,54 @@ class Connected:
     pump: iosim.IOPump
     #: The hellos the fake gateway received.
     seen: list
+    #: The gateway's link and the fake gateway's stream 1 protocols.
+    link: GatewayLink
+    answers: list
 
     @property
     def clock(self) -> Clock:
         return self.settings.clock
 
+    @property
+    def control_lines(self) -> list[bytes]:
+        """What the client sent on the control channel after the hello."""
+        return [line for answer in self.answers for line in answer.lines]
+
 
 def connect(
     endpoint: FakeEndpoint | None = None,
     reply: bytes = encode_hello_reply(True),
+    *,
+    settings: ClientSettings | None = None,
+    link: GatewayLink | None = None,
+    close_after_reply: bool = False,
     **fields: Any,
 ) -> Connected:
     """Connect a client session to a gateway that answers the hello with ``reply``."""
-    settings = make_settings(endpoint, **fields)
+    if settings is None:
+        settings = make_settings(endpoint, **fields)
     clock = settings.clock
+    if link is None:
+        link = GatewayLink("server:9056", clock)
     seen: list = []
+    answers: list[HelloAnswer] = []
+
+    def answer(stream):
+        answers.append(HelloAnswer(reply, seen, close_after_reply))
+        return answers[-1]
+
+    link.connecting()
     session, server, pump = iosim.connectedServerAndClient(
         lambda: MuxSession(
             client=False,
             clock=clock,
-            handler=StreamAcceptor(lambda s: HelloAnswer(reply, seen)),
+            handler=StreamAcceptor(answer),
             config=SessionConfig(keepalive_interval=0),
         ),
-        lambda: session_factory(settings).buildProtocol(None),
+        lambda: session_factory(settings, link).buildProtocol(None),
         clock=clock,
     )
     pump.flush()
-    return Connected(settings, session.handler, session, server, pump, seen)
+    return Connected(
+        settings, session.handler, session, server, pump, seen, link, answers
+    )

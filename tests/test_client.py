@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.clientkit import HELLO_TIMEOUT, connect, make_settings
+from threshold.client.gateway import GatewayLink
 from threshold.client.session import (
     ClientSession,
-    HelloReader,
+    ControlChannel,
     HelloRefused,
     SessionState,
     session_factory,
@@ -18,6 +20,13 @@ from threshold.testing import Collector
 from threshold.wire.handshake import MAX_LINE, encode_hello_reply
 
 
+def _link() -> GatewayLink:
+    """A gateway link with a connection attempt under way."""
+    link = GatewayLink("server:9056", Clock())
+    link.connecting()
+    return link
+
+
 class HelloTests(SynchronousTestCase):
     def test_hello_sent_and_accepted(self):
         """The client says hello with its id and is accepted."""
@@ -25,30 +34,30 @@ class HelloTests(SynchronousTestCase):
         self.assertEqual([h.client_id for h in c.seen], ["TestClient1"])
         self.assertIs(c.client.state, SessionState.ACCEPTED)
         self.assertIs(self.successResultOf(c.client.when_ready()), c.client)
-        self.assertEqual(c.settings.stats.consecutive_refusals, 0)
+        self.assertEqual(c.link.consecutive_refusals, 0)
 
     def test_hello_refused(self):
         """A refused hello closes the session and counts for backoff."""
         c = connect(reply=encode_hello_reply(False, "nope"))
         self.assertIs(c.client.state, SessionState.CLOSED)
         self.assertTrue(c.session.closed)
-        self.assertEqual(c.settings.stats.consecutive_refusals, 1)
+        self.assertEqual(c.link.consecutive_refusals, 1)
         failure = self.failureResultOf(c.client.when_ready(), HelloRefused)
         self.assertIn("server refused the hello: nope", str(failure.value))
 
     def test_accepted_resets_refusals(self):
         """An accepted hello starts the refusal count again from zero."""
-        settings = make_settings()
-        settings.stats.consecutive_refusals = 4
-        c = connect(local_endpoint=settings.local_endpoint, stats=settings.stats)
+        link = GatewayLink("server:9056", Clock())
+        link.consecutive_refusals = 4
+        c = connect(link=link)
         self.assertIs(c.client.state, SessionState.ACCEPTED)
-        self.assertEqual(c.settings.stats.consecutive_refusals, 0)
+        self.assertEqual(c.link.consecutive_refusals, 0)
 
     def test_bad_reply(self):
         """An answer that is not a hello reply closes like a refusal."""
         c = connect(reply=b'{"ok": "yes"}\n')
         self.assertIs(c.client.state, SessionState.CLOSED)
-        self.assertEqual(c.settings.stats.consecutive_refusals, 1)
+        self.assertEqual(c.link.consecutive_refusals, 1)
         failure = self.failureResultOf(c.client.when_ready(), HelloRefused)
         self.assertIn("bad hello reply", str(failure.value))
 
@@ -62,8 +71,8 @@ class HelloTests(SynchronousTestCase):
     def test_reply_in_pieces(self):
         """An answer that arrives a byte at a time is read whole."""
         settings = make_settings()
-        client = ClientSession(settings)
-        reader = HelloReader(client)
+        client = ClientSession(settings, _link())
+        reader = ControlChannel(client)
         client.state = SessionState.HELLO_SENT
         reader.makeConnection(StringTransport())
         for byte in encode_hello_reply(True):
@@ -91,7 +100,7 @@ class HelloTests(SynchronousTestCase):
         c.pump.flush()
         self.assertTrue(c.session.closed)
         self.assertIs(c.client.state, SessionState.CLOSED)
-        self.assertEqual(c.settings.stats.consecutive_refusals, 1)
+        self.assertEqual(c.link.consecutive_refusals, 1)
         failure = self.failureResultOf(c.client.when_ready(), HelloRefused)
         self.assertIn("no answer to the hello within 10.0s", str(failure.value))
 
@@ -102,7 +111,7 @@ class HelloTests(SynchronousTestCase):
         c.pump.flush()
         self.assertIs(c.client.state, SessionState.ACCEPTED)
         self.assertFalse(c.session.closed)
-        self.assertEqual(c.settings.stats.consecutive_refusals, 0)
+        self.assertEqual(c.link.consecutive_refusals, 0)
 
     def test_connection_lost_before_reply(self):
         """The connection ending before the answer fails ``when_ready()``."""
@@ -113,23 +122,23 @@ class HelloTests(SynchronousTestCase):
         failure = self.failureResultOf(c.client.when_ready(), HelloRefused)
         self.assertIn("stream 1 closed before the hello reply", str(failure.value))
         # Counted for the backoff once; the hello timer went with the session.
-        self.assertEqual(c.settings.stats.consecutive_refusals, 1)
+        self.assertEqual(c.link.consecutive_refusals, 1)
         c.clock.advance(HELLO_TIMEOUT + 1)
-        self.assertEqual(c.settings.stats.consecutive_refusals, 1)
+        self.assertEqual(c.link.consecutive_refusals, 1)
 
     def test_factory_builds_the_session_protocol(self):
         """The factory's protocol is the MuxSession; its handler the ClientSession."""
-        protocol = session_factory(make_settings()).buildProtocol(None)
+        protocol = session_factory(make_settings(), _link()).buildProtocol(None)
         self.assertIsInstance(protocol, MuxSession)
         self.assertIsInstance(protocol.handler, ClientSession)
         self.assertIs(protocol.handler.session, protocol)
         self.assertIs(protocol.handler.state, SessionState.CONNECTING)
 
     def test_hello_reader_connection_lost_default(self):
-        """HelloReader.connectionLost() works without a reason (a Failure default)."""
-        client = ClientSession(make_settings())
+        """ControlChannel.connectionLost() works without a reason (the default)."""
+        client = ClientSession(make_settings(), _link())
         client.state = SessionState.HELLO_SENT
-        reader = HelloReader(client)
+        reader = ControlChannel(client)
         reader.makeConnection(StringTransport())
         reader.connectionLost()
         self.assertIs(client.state, SessionState.REFUSED)
@@ -137,7 +146,7 @@ class HelloTests(SynchronousTestCase):
 
     def test_impossible_transition_refused(self):
         """A state change not in the table is a bug, raised at once."""
-        client = ClientSession(make_settings())
+        client = ClientSession(make_settings(), _link())
         with self.assertRaises(AssertionError):
             client._move(SessionState.ACCEPTED)
 

@@ -8,6 +8,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.clientkit import HELLO_TIMEOUT, HelloAnswer, make_settings
+from threshold.client.gateway import GatewayLink
 from threshold.client.service import reconnecting_service
 from threshold.client.session import SessionState
 from threshold.mux.interfaces import StreamAcceptor
@@ -62,8 +63,15 @@ def start(reply: bytes) -> tuple:
     clock = Clock()
     settings = make_settings(clock=clock)
     endpoint = GatewayEndpoint(clock, reply)
+    link = GatewayLink("server:9056", clock)
     service = reconnecting_service(
-        settings, endpoint, clock, initial_delay=1.0, max_delay=60.0, jitter=lambda: 0
+        settings,
+        link,
+        endpoint,
+        clock,
+        initial_delay=1.0,
+        max_delay=60.0,
+        jitter=lambda: 0,
     )
     service.startService()
     return settings, endpoint, service
@@ -79,7 +87,7 @@ class ReconnectTests(SynchronousTestCase):
         # 2, 4, 8 s: without counting refusals every gap would be 2 s, since
         # each connection itself succeeded.
         self.assertEqual([round(g) for g in gaps], [2, 4, 8])
-        self.assertEqual(settings.stats.consecutive_refusals, 4)
+        self.assertEqual(service.link.consecutive_refusals, 4)
         self.successResultOf(service.stopService())
 
     def test_silent_gateway_backs_off_too(self):
@@ -88,9 +96,9 @@ class ReconnectTests(SynchronousTestCase):
         endpoint.run(HELLO_TIMEOUT + 3)
         # Given up at 10 s, tried again 2 s later.
         self.assertEqual(endpoint.attempts, [0, HELLO_TIMEOUT + 2])
-        self.assertEqual(settings.stats.consecutive_refusals, 1)
+        self.assertEqual(service.link.consecutive_refusals, 1)
         endpoint.run(HELLO_TIMEOUT)
-        self.assertEqual(settings.stats.consecutive_refusals, 2)
+        self.assertEqual(service.link.consecutive_refusals, 2)
         self.successResultOf(service.stopService())
 
     def test_accepted_session_held(self):

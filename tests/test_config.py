@@ -25,6 +25,7 @@ from threshold.config import (
     parse_host_port,
     parse_server_config,
 )
+from threshold.config.client import HealthCheck as ServiceCheck
 
 
 class TempDirMixin:
@@ -489,8 +490,10 @@ class ClientConfigTests(TempDirMixin, SynchronousTestCase):
             ReconnectMaxDelaySeconds=5,
             ConnectTimeoutSeconds=2,
             AdminSocket="admin.sock",
+            HealthChecks={"web": {"IntervalSeconds": 3, "TimeoutSeconds": 1}},
         )
-        self.assertEqual(set(obj) | {"ClientIdentifier"}, set(CLIENT.names))
+        # Servers is the other way to name the gateways (tests/test_client_config.py).
+        self.assertEqual(set(obj) | {"ClientIdentifier", "Servers"}, set(CLIENT.names))
         config = self.parse(obj)
         expected = {
             "client_id": "TestClient1",
@@ -514,6 +517,10 @@ class ClientConfigTests(TempDirMixin, SynchronousTestCase):
             "reconnect_max_delay_seconds": 5.0,
             "admin_socket": os.path.join(self.dir, "admin.sock"),
             "connect_timeout_seconds": 2.0,
+            "servers": None,
+            "health_checks": {
+                "web": ServiceCheck(interval_seconds=3, timeout_seconds=1)
+            },
             "source": "client.json",
         }
         self.assertEqual(

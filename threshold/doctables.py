@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from threshold.config import CLIENT, SERVER
+from threshold.config.client import HEALTH_CHECK, SERVER_ENTRY
 from threshold.mux.settings import SESSION
 from threshold.schema import Schema
 from threshold.server.tunnels import TUNNEL
@@ -30,6 +31,8 @@ __all__ = ["DOCS", "TABLES", "main", "render", "stale"]
 TABLES: dict[str, Schema] = {
     "server": SERVER,
     "client": CLIENT,
+    "servers": SERVER_ENTRY,
+    "healthchecks": HEALTH_CHECK,
     "session": SESSION,
     "tunnel": TUNNEL,
 }

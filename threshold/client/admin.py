@@ -8,12 +8,17 @@ exposure and no certificate to manage.
 - ``PUT /liveconfig`` with ``{"ServiceToLocalAddrMap": {"web":
   "127.0.0.1:8080"}}`` validates the map like the config file does and
   swaps it in at once: new streams use it, running connections are not
-  touched, and the session to the server stays up.
+  touched, the sessions to the gateways stay up, and the health checks
+  follow the new map.
+- ``GET /status`` answers each gateway's session (state, since when, RTT)
+  and each health check (state, detail, last checked).
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from klein import Klein
@@ -21,13 +26,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from threshold.client.health import CheckState
 from threshold.config import ConfigError, parse_service_map
 from threshold.logs import observer as log_observer
+from threshold.schema import format_address
 from threshold.wire import strictjson
 
 if TYPE_CHECKING:
     from twisted.web.iweb import IRequest
 
+    from threshold.client.gateway import GatewayLink
     from threshold.client.settings import ClientSettings
 
 log = Logger(observer=log_observer)
@@ -45,12 +53,15 @@ class AdminError(Exception):
 
 
 class ClientAdminAPI:
-    """``/liveconfig`` over the client's :class:`ClientSettings`."""
+    """The admin API: ``/liveconfig`` (the service map) and ``/status``."""
 
     app = Klein()
 
-    def __init__(self, settings: ClientSettings) -> None:
+    def __init__(
+        self, settings: ClientSettings, links: Sequence[GatewayLink] = ()
+    ) -> None:
         self.settings = settings
+        self.links = tuple(links)
 
     @staticmethod
     def _json(request: IRequest, status: int, body: object) -> bytes:
@@ -100,12 +111,47 @@ class ClientAdminAPI:
             )
         except ConfigError as e:
             raise AdminError(400, str(e)) from None
-        self.settings.services = services
+        self.settings.replace_services(services)
         log.info(
             "live config: service map replaced ({count} services)",
             count=len(services),
         )
         return self._json(request, 200, self._view())
+
+    @app.route("/status", methods=["GET"])
+    def get_status(self, request: IRequest) -> bytes:
+        """Each gateway's session and each health check, as they are now."""
+        return self._json(
+            request,
+            200,
+            {
+                "ClientId": self.settings.client_id,
+                "Sessions": [_link_view(link) for link in self.links],
+                "HealthChecks": self._checks_view(),
+            },
+        )
+
+    def _checks_view(self) -> dict[str, object]:
+        health = self.settings.health
+        if health is None:
+            return {}
+        view: dict[str, object] = {}
+        for name, config in sorted(health.configured.items()):
+            check = health.checks.get(name)
+            view[name] = {
+                # A service taken out of the map by live config: not checked.
+                "State": "stopped" if check is None else check.state.value,
+                "Address": None if check is None else format_address(*check.address),
+                "Detail": (
+                    check.detail
+                    if check is not None and check.state is CheckState.UNHEALTHY
+                    else None
+                ),
+                "LastChecked": None if check is None else _iso(check.last_checked),
+                "IntervalSeconds": config.interval_seconds,
+                "TimeoutSeconds": config.timeout_seconds,
+            }
+        return view
 
     @app.handle_errors(AdminError)
     def admin_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -117,6 +163,31 @@ def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def admin_site(settings: ClientSettings) -> Site:
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _link_view(link: GatewayLink) -> dict[str, object]:
+    session = link.session
+    connected = session is not None and not session.session.closed
+    rtt = link.rtt
+    return {
+        "Gateway": link.address,
+        "GatewayId": link.gateway_id,
+        "State": link.state.value,
+        "Since": _iso(link.since),
+        "RttMilliseconds": None if rtt is None else round(rtt * 1000, 3),
+        # The gateway opens even streams, one per user; 1 is the control channel.
+        "OpenStreams": (
+            sum(1 for i in session.session.streams if i % 2 == 0) if connected else 0
+        ),
+        "LastError": link.last_error,
+        "ConsecutiveRefusals": link.consecutive_refusals,
+    }
+
+
+def admin_site(settings: ClientSettings, links: Sequence[GatewayLink] = ()) -> Site:
     """The admin API as a Site, for a Unix-socket endpoint."""
-    return Site(ClientAdminAPI(settings).app.resource())
+    return Site(ClientAdminAPI(settings, links).app.resource())

@@ -1,4 +1,8 @@
-"""The tunnel client's service: hold one session to the gateway, reconnecting.
+"""The tunnel client's services: hold one session to each gateway, reconnecting.
+
+One ``ClientService`` per gateway, each with its own
+:class:`~threshold.client.gateway.GatewayLink` and its own backoff, so a
+gateway that is down or draining never holds up the sessions to the others.
 
 Reconnecting is Twisted's ``ClientService`` with exponential backoff and
 jitter. A refused (or unanswered) hello ends a connection that did succeed,
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.logger import Logger
 
+from threshold.client.gateway import LinkEndpoint
 from threshold.client.session import session_factory
 from threshold.logs import observer as log_observer
 
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
+    from threshold.client.gateway import GatewayLink
     from threshold.client.settings import ClientSettings
 
 log = Logger(observer=log_observer)
@@ -35,22 +41,35 @@ log = Logger(observer=log_observer)
 class _TunnelClientService(ClientService):
     """ClientService that ends the session with Go Away when stopped."""
 
+    def __init__(self, link: GatewayLink, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.link = link
+
     def stopService(self) -> Deferred[None]:  # noqa: N802
         """Say Go Away and close; then let ClientService finish stopping."""
         d = self.whenConnected(failAfterFailures=1)
         d.addCallbacks(lambda session: session.close(), lambda _: None)
-        return super().stopService()
+        stopped = super().stopService()
+        stopped.addCallback(self._stopped)
+        return stopped
+
+    def _stopped(self, result: object) -> object:
+        self.link.stopped()
+        return result
 
 
 def reconnecting_service(
     settings: ClientSettings,
+    link: GatewayLink,
     endpoint: IStreamClientEndpoint,
     clock: IReactorTime,
     initial_delay: float = 1.0,
     max_delay: float = 60.0,
     jitter: Callable[[], float] = random.random,
 ) -> ClientService:
-    """A ``ClientService`` that holds the session, backing off with jitter.
+    """A ``ClientService`` holding the session to one gateway, with backoff.
+
+    The wait grows with failures and refused hellos in a row, with jitter.
 
     ``whenConnected()`` gives the connection's
     :class:`~threshold.mux.session.MuxSession`; its ``handler`` is the
@@ -65,18 +84,19 @@ def reconnecting_service(
     )
 
     def logged(attempt: int) -> float:
-        delay = policy(max(attempt, settings.stats.consecutive_refusals))
+        delay = policy(max(attempt, link.consecutive_refusals))
         log.info(
             "reconnecting to {server} in {delay:.1f}s (attempt {attempt})",
-            server=settings.server,
+            server=link.label,
             delay=delay,
             attempt=attempt + 1,
         )
         return delay
 
     return _TunnelClientService(
-        endpoint,
-        session_factory(settings),
+        link,
+        LinkEndpoint(endpoint, link),
+        session_factory(settings, link),
         retryPolicy=logged,
         clock=clock,
     )

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
+    from threshold.client.health import HealthMonitor
     from threshold.mux.settings import SessionConfig
 
 
@@ -20,15 +21,13 @@ class ClientStats:
     unknown_service: int = 0
     #: Streams reset because their local service could not be connected.
     local_failures: int = 0
-    #: Hellos refused (or unanswered) in a row; an accepted one resets it.
-    #: The reconnect backoff grows with it.
-    consecutive_refusals: int = 0
 
 
 @dataclass
 class ClientSettings:
-    """The tunnel client's settings, shared by each session it makes.
+    """The tunnel client's settings, shared by its sessions to every gateway.
 
+    What is per gateway is in :class:`~threshold.client.gateway.GatewayLink`.
     ``services`` is replaced as a whole by the admin API (``PUT
     /liveconfig``); each new stream looks its service up in the map in
     force when its header arrives.
@@ -37,8 +36,6 @@ class ClientSettings:
     client_id: str
     #: ``ServiceToLocalAddrMap``: service name to (host, port).
     services: dict[str, tuple[str, int]]
-    #: The server as ``host:port``, for log lines.
-    server: str
     clock: IReactorTime
     #: Makes the endpoint for a local service's (host, port).
     local_endpoint: Callable[[str, int], IStreamClientEndpoint]
@@ -46,6 +43,14 @@ class ClientSettings:
     #: Seconds to wait for the server's answer to the hello.
     hello_timeout: float
     stats: ClientStats = field(default_factory=ClientStats)
+    #: The health checks every session reports; None: no ``HealthChecks``.
+    health: HealthMonitor | None = None
+
+    def replace_services(self, services: dict[str, tuple[str, int]]) -> None:
+        """Swap the service map in (live config); the checks follow it."""
+        self.services = dict(services)
+        if self.health is not None:
+            self.health.services_changed(self.services)
 
     def __post_init__(self) -> None:
         self.services = dict(self.services)

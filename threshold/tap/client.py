@@ -15,9 +15,12 @@ from twisted.logger import Logger
 from threshold import logs
 from threshold.client.admin import admin_site
 from threshold.client.endpoints import local_tcp_endpoint
+from threshold.client.gateway import GatewayLink
+from threshold.client.health import HealthMonitor, tcp_probe
 from threshold.client.service import reconnecting_service
 from threshold.client.settings import ClientSettings
 from threshold.config import ClientConfig, load_client_config
+from threshold.config.client import ServerEntry
 from threshold.logs import observer as log_observer
 from threshold.tap.common import (
     ConfigFileOptions,
@@ -35,58 +38,80 @@ class Options(ConfigFileOptions):
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:  # noqa: N802
-    """Build the client: a reconnecting session to the server."""
+    """Build the client: a reconnecting session to each gateway."""
     return service_from_file(options, reactor, load_client_config, build_client)
 
 
-def build_client(config: ClientConfig, reactor: Any) -> MultiService:
-    """The client's service tree for a loaded configuration."""
-    logs.set_debug(config.debug_log)
-    server = f"{config.server_host}:{config.server_tunnel_control_port}"
+def gateway_endpoint(config: ClientConfig, entry: ServerEntry, reactor: Any) -> Any:
+    """The endpoint of one gateway: TCP, and TLS checked against its Host."""
     endpoint = HostnameEndpoint(
         reactor,
-        config.server_host,
-        config.server_tunnel_control_port,
+        entry.host,
+        entry.tunnel_control_port,
         timeout=config.connect_timeout_seconds,
     )
-    if config.use_tls:
-        assert config.ca_certificate_file is not None
-        assert config.client_tls_key_file is not None
-        assert config.client_tls_certificate_file is not None
-        creator = client_creator(
-            config.ca_certificate_file,
-            config.client_tls_key_file,
-            config.client_tls_certificate_file,
-            config.server_host,
-            source=config.source,
+    if not config.use_tls:
+        return endpoint
+    assert config.ca_certificate_file is not None
+    assert config.client_tls_key_file is not None
+    assert config.client_tls_certificate_file is not None
+    creator = client_creator(
+        config.ca_certificate_file,
+        config.client_tls_key_file,
+        config.client_tls_certificate_file,
+        entry.host,
+        source=config.source,
+    )
+    return wrapClientTLS(creator, endpoint)
+
+
+def build_client(config: ClientConfig, reactor: Any) -> MultiService:
+    """The client's service tree for a loaded configuration.
+
+    The health checks (if any) first, so a session that comes up soon
+    after start finds their first results; then one reconnecting service
+    per gateway; then the admin socket.
+    """
+    logs.set_debug(config.debug_log)
+    top = MultiService()
+    services = dict(config.service_to_local_addr_map)
+    health = None
+    if config.health_checks:
+        health = HealthMonitor(
+            config.health_checks, services, reactor, tcp_probe(reactor)
         )
-        endpoint = wrapClientTLS(creator, endpoint)
+        health.setServiceParent(top)
     settings = ClientSettings(
         client_id=config.client_id,
-        services=dict(config.service_to_local_addr_map),
-        server=server,
+        services=services,
         clock=reactor,
         local_endpoint=local_tcp_endpoint(reactor, config.connect_timeout_seconds),
         session_config=session_config(config),
         hello_timeout=config.connect_timeout_seconds,
+        health=health,
     )
-    top = MultiService()
-    service = reconnecting_service(
-        settings,
-        endpoint,
-        reactor,
-        initial_delay=config.reconnect_initial_delay_seconds,
-        max_delay=config.reconnect_max_delay_seconds,
-    )
-    service.setServiceParent(top)
+    links = []
+    for entry in config.gateways:
+        link = GatewayLink(entry.address, reactor)
+        links.append(link)
+        reconnecting_service(
+            settings,
+            link,
+            gateway_endpoint(config, entry, reactor),
+            reactor,
+            initial_delay=config.reconnect_initial_delay_seconds,
+            max_delay=config.reconnect_max_delay_seconds,
+        ).setServiceParent(top)
     if config.admin_socket is not None:
         listener(
             UNIXServerEndpoint(reactor, config.admin_socket, mode=0o600, wantPID=True),
-            admin_site(settings),
+            admin_site(settings, links),
         ).setServiceParent(top)
     if not config.use_tls:
-        log.warn(
-            "UseTls is false: the tunnel to {server} is not encrypted or authenticated",
-            server=server,
-        )
+        for link in links:
+            log.warn(
+                "UseTls is false: the tunnel to {server} is not encrypted or"
+                " authenticated",
+                server=link.address,
+            )
     return top

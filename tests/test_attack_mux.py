@@ -52,7 +52,9 @@ class Harness:
     """A session on a StringTransport and a Clock; the peer's streams are
     served by Collectors (or refused)."""
 
-    def __init__(self, test: SynchronousTestCase, accept: bool = True) -> None:
+    def __init__(
+        self, test: SynchronousTestCase, accept: bool = True, max_streams: int = 100_000
+    ) -> None:
         self.clock = TurnClock()
         self.readers: dict[int, Collector] = {}
 
@@ -66,7 +68,7 @@ class Harness:
             client=True,
             clock=self.clock,
             handler=StreamAcceptor(serve),
-            config=SessionConfig(keepalive_interval=0, max_streams=100_000),
+            config=SessionConfig(keepalive_interval=0, max_streams=max_streams),
         )
         self.transport = StringTransport()
         self.session.makeConnection(self.transport)
@@ -200,6 +202,18 @@ class FloodTests(SynchronousTestCase):
         self.assertEqual(resets, [2 * i + 2 for i in range(count)])
         self.assertEqual(h.session.streams_refused, count)
         self.assertEqual(h.transport.producerState, "producing")
+
+    def test_syn_flood_past_the_stream_limit_logs_little(self):
+        """SYNs past max_streams are each refused, but logged only at the
+        1st, 2nd, 4th... refusal (before: one warning line per SYN)."""
+        h = Harness(self, max_streams=2)
+        count = 10_000
+        h.session.dataReceived(b"".join(syn(2 * i + 2) for i in range(count)))
+        h.run_slices()
+        self.assertEqual(len(h.session.streams), 2)
+        self.assertEqual(h.session.streams_refused, count - 2)
+        self.assertEqual(len(h.warnings), 14)  # 1, 2, 4 ... 8192
+        self.assertEqual(h.warnings[-1]["count"], 8192)
 
     def test_close_during_a_flood_drops_the_rest(self):
         """Go Away (normal) while slices are pending: the rest is not acted

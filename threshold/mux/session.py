@@ -139,6 +139,7 @@ class MuxSession(Protocol):
         self.streams_opened = 0
         self.streams_accepted = 0
         self.streams_refused = 0
+        self._over_limit = 0  # streams refused for max_streams
 
     def __repr__(self) -> str:
         return f"<MuxSession {self.name}>"
@@ -348,13 +349,18 @@ class MuxSession(Protocol):
             self._refuse(stream_id, "the session is going away")
             return None
         if len(self.streams) >= self.config.max_streams:
-            self.log.warn(
-                "{name}: peer exceeded {max} concurrent streams; stream "
-                "{stream_id} refused",
-                name=self.name,
-                max=self.config.max_streams,
-                stream_id=stream_id,
-            )
+            self._over_limit += 1
+            if self._over_limit & (self._over_limit - 1) == 0:
+                # The 1st, 2nd, 4th, 8th...: a SYN flood past the limit
+                # costs a few log lines, not one per SYN.
+                self.log.warn(
+                    "{name}: peer exceeded {max} concurrent streams; stream "
+                    "{stream_id} refused ({count} so far)",
+                    name=self.name,
+                    max=self.config.max_streams,
+                    stream_id=stream_id,
+                    count=self._over_limit,
+                )
             self._refuse(stream_id, "stream limit")
             return None
         stream = Stream(self, stream_id, local=False)

@@ -64,6 +64,16 @@ class Refusal(StrEnum):
     #: A relayed connection with no byte either way for
     #: PublicFirstByteTimeoutSeconds.
     LIMIT_FIRST_BYTE = "limit_first_byte"
+    #: The source is in a DenySourceCidrs list (gateway, client or tunnel).
+    DENIED_SOURCE = "denied_source"
+    #: The source is not in a non-empty AllowSourceCidrs list.
+    NOT_ALLOWED_SOURCE = "not_allowed_source"
+    #: MaxNewConnectionsPerSecondPerSourceIp reached for this tunnel.
+    RATE_LIMITED = "rate_limited"
+    #: The client is over its QuotaBytes for the period.
+    QUOTA_EXCEEDED = "quota_exceeded"
+    #: A relayed connection cut: its client went over quota (action "cut").
+    QUOTA_CUT = "quota_cut"
 
 
 class Limit(StrEnum):
@@ -82,6 +92,12 @@ class Limit(StrEnum):
     MANAGEMENT_REQUEST_TIMEOUT = "management_request_timeout"
     #: A ClientHello over MaxClientHelloBytes, or over the record/read bound.
     CLIENT_HELLO = "client_hello"
+    #: MaxNewConnectionsPerSecondPerSourceIp (each refusal).
+    NEW_CONNECTION_RATE = "new_connection_rate"
+    #: A client's QuotaBytes reached (once per crossing).
+    QUOTA = "quota"
+    #: A bandwidth bucket started holding a direction back.
+    BANDWIDTH = "bandwidth"
 
 
 class HandshakeFailure(StrEnum):
@@ -147,6 +163,8 @@ class GatewayStats:
         self.refused: Counter[Refusal] = Counter()
         self.limits_hit: Counter[Limit] = Counter()
         self.handshake_failures: Counter[HandshakeFailure] = Counter()
+        #: Access-policy refusals by (tunnel, client, reason): see policy.py.
+        self.policy_refused: Counter[tuple[TunnelKey, str, Refusal]] = Counter()
         self._open_flows: set[Flow] = set()
         self._tunnels: dict[TunnelKey, Traffic] = {}
         self._clients: dict[str, Traffic] = {}
@@ -156,6 +174,13 @@ class GatewayStats:
     def refuse(self, reason: Refusal) -> None:
         """The gateway closed a user connection, for ``reason``."""
         self.refused[reason] += 1
+
+    def refuse_by_policy(
+        self, reason: Refusal, tunnel: TunnelKey, client_id: str
+    ) -> None:
+        """The access policy closed a user connection of a tunnel and client."""
+        self.refused[reason] += 1
+        self.policy_refused[(tunnel, client_id, reason)] += 1
 
     def limit_hit(self, limit: Limit) -> None:
         """A limit was hit once."""

@@ -1,0 +1,510 @@
+"""Who may connect, how fast, how much: the gateway's access policy.
+
+Checked for each new public connection once its tunnel entry is known and
+before any stream is opened (:meth:`GatewayPolicy.check`), in this order:
+
+1. source lists: the gateway's ``DefaultDenySourceCidrs``, the client's
+   and the tunnel's ``DenySourceCidrs`` refuse (``denied_source``; deny
+   wins); each non-empty allow list (gateway, client, tunnel) must hold
+   the source (``not_allowed_source``). An IPv4-mapped IPv6 source is
+   matched as IPv4;
+2. the client's quota (``quota_exceeded``);
+3. the new-connection rate of (tunnel, source), a token bucket per pair
+   (``rate_limited``), the source as the per-source caps count it (an
+   IPv6 /64 is one source).
+
+The policy is read per connection from the entry in force and the
+server config, so a ``PUT /tunnels`` applies to the next connection
+without touching a socket. A connection that passes gets a
+:class:`~threshold.server.shaping.FlowMeter` when bandwidth or a quota
+applies to it (:meth:`GatewayPolicy.meter`), none otherwise.
+
+Every refusal is counted (gateway-wide, per tunnel, per client) in
+:class:`~threshold.server.stats.GatewayStats`; the log says it at most once
+a minute per tunnel and reason (:class:`HitLog`), not once per connection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, MutableSequence, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.logger import Logger
+
+from threshold.config.policy import NO_CLIENT_POLICY, ClientPolicy
+from threshold.logs import observer as log_observer
+from threshold.schema.policy_kinds import EMPTY_CIDRS, CidrList, parse_ip
+from threshold.server.addresses import DEFAULT_IPV6_PREFIX, UNKNOWN_SOURCE, source_key
+from threshold.server.quota import QuotaAccount, QuotaBook
+from threshold.server.shaping import Bucket, Direction, FlowMeter
+from threshold.server.stats import Limit, Refusal
+from threshold.server.tunnels import format_address
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime, ITransport
+
+    from threshold.relay import RelayEnd
+    from threshold.server.stats import Flow, GatewayStats
+    from threshold.server.tunnels import Tunnel, TunnelKey
+
+__all__ = [
+    "Denied",
+    "GatewayPolicy",
+    "HitLog",
+    "PolicySettings",
+    "RelayedConnection",
+    "SourceRateLimiter",
+    "source_refusal",
+]
+
+log = Logger(observer=log_observer)
+
+
+@dataclass(frozen=True, slots=True)
+class Denied:
+    """A connection not admitted: the refusal, the limit hit (if any), and why."""
+
+    reason: Refusal
+    limit: Limit | None
+    why: str
+
+
+class RelayedConnection(Protocol):
+    """What the policy needs of a user's connection (the front end's)."""
+
+    transport: ITransport
+    #: The stream's end of the relay, once spliced.
+    peer: RelayEnd | None
+    flow: Flow | None
+
+    def give_up(self, abort: bool = False) -> None:
+        """Close the connection (abort: reset it)."""
+        ...
+
+
+#: Refusals this module makes (the API lists them per tunnel and client).
+POLICY_REFUSALS = (
+    Refusal.DENIED_SOURCE,
+    Refusal.NOT_ALLOWED_SOURCE,
+    Refusal.RATE_LIMITED,
+    Refusal.QUOTA_EXCEEDED,
+    Refusal.QUOTA_CUT,
+)
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The gateway-wide and per-client parts of the policy (server config)."""
+
+    default_allow: CidrList = EMPTY_CIDRS
+    default_deny: CidrList = EMPTY_CIDRS
+    default_rate: float = 0.0
+    default_burst: int = 0
+    client_policies: Mapping[str, ClientPolicy] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    default_client: ClientPolicy = NO_CLIENT_POLICY
+    max_sources: int = 65536
+    ipv6_prefix: int = DEFAULT_IPV6_PREFIX
+    save_interval: float = 10.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> PolicySettings:
+        """The settings of a :class:`~threshold.config.ServerConfig`."""
+        return cls(
+            default_allow=config.default_allow_source_cidrs,
+            default_deny=config.default_deny_source_cidrs,
+            default_rate=config.default_new_connection_rate,
+            default_burst=config.default_new_connection_burst,
+            client_policies=config.client_policies,
+            default_client=config.default_client_policy,
+            max_sources=config.rate_limit_max_sources,
+            ipv6_prefix=config.source_ipv6_prefix_length,
+            save_interval=config.quota_save_interval_seconds,
+        )
+
+
+def source_refusal(
+    address: tuple[int, int] | None,
+    denies: Iterable[CidrList],
+    allows: Iterable[CidrList],
+) -> Refusal | None:
+    """Why the source lists refuse ``address`` (a parsed IP), or None.
+
+    Deny wins; every non-empty allow list must hold the source. A peer
+    without an IP address is allowed only where no allow list is set.
+    """
+    if address is not None:
+        for cidrs in denies:
+            if cidrs and cidrs.matches(address):
+                return Refusal.DENIED_SOURCE
+    for cidrs in allows:
+        if cidrs and (address is None or not cidrs.matches(address)):
+            return Refusal.NOT_ALLOWED_SOURCE
+    return None
+
+
+class SourceRateLimiter:
+    """Token buckets of new connections, one per key, at most ``max_buckets``.
+
+    A bucket full again is the same as none, so it is dropped (the oldest
+    first, checked as new keys come); past the bound the least recently
+    used is dropped even if not full, which can only let its source
+    through sooner. Memory stays bounded under a flood of new addresses.
+    """
+
+    def __init__(self, max_buckets: int) -> None:
+        self.max_buckets = max_buckets
+        # key -> [tokens, stamp, time it is full again]
+        self._buckets: OrderedDict[object, list[float]] = OrderedDict()
+        #: Buckets dropped before they were full (the bound was reached).
+        self.evicted = 0
+
+    def allow(self, key: object, rate: float, burst: int, now: float) -> bool:
+        """Take one token from ``key``'s bucket; False when it has none."""
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            self._expire(now)
+            tokens = burst - 1.0
+            buckets[key] = [tokens, now, now + (burst - tokens) / rate]
+            if len(buckets) > self.max_buckets:
+                buckets.popitem(last=False)
+                self.evicted += 1
+            return True
+        tokens = min(float(burst), bucket[0] + (now - bucket[1]) * rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        bucket[0], bucket[1] = tokens, now
+        bucket[2] = now + (burst - tokens) / rate
+        buckets.move_to_end(key)
+        return allowed
+
+    def _expire(self, now: float) -> None:
+        buckets = self._buckets
+        # Each bucket is dropped once, so this is O(1) per call on average.
+        while buckets:
+            key, bucket = next(iter(buckets.items()))
+            if bucket[2] > now:
+                return
+            del buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class HitLog:
+    """One log line per subject and reason per minute, with the count since."""
+
+    def __init__(self, clock: IReactorTime, interval: float = 60.0) -> None:
+        self.clock = clock
+        self.interval = interval
+        self._last: dict[tuple[str, str], list[float]] = {}
+
+    def hit(self, subject: str, reason: str, detail: str) -> bool:
+        """Note one hit; log it if none was logged for this pair lately."""
+        now = self.clock.seconds()
+        key = (subject, reason)
+        entry = self._last.get(key)
+        if entry is not None and now - entry[0] < self.interval:
+            entry[1] += 1
+            return False
+        more = int(entry[1]) if entry is not None else 0
+        log.info(
+            "{subject}: {reason}: {detail}{more}",
+            subject=subject,
+            reason=reason,
+            detail=detail,
+            more=f" ({more} more since the last line)" if more else "",
+        )
+        self._last[key] = [now, 0]
+        if len(self._last) > 10000:
+            self._last = {
+                k: v for k, v in self._last.items() if now - v[0] < self.interval
+            }
+        return True
+
+
+def _tunnel_name(key: TunnelKey) -> str:
+    address, port, glob = key
+    return f"tunnel {format_address(address, port)} {glob}"
+
+
+class GatewayPolicy:
+    """The access policy of one gateway: checks, buckets, quota accounts."""
+
+    def __init__(
+        self, settings: PolicySettings, clock: IReactorTime, stats: GatewayStats
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.stats = stats
+        self.hits = HitLog(clock)
+        self.limiter = SourceRateLimiter(settings.max_sources)
+        self.quota = QuotaBook(clock, self.client_policy, self._exceeded)
+        #: (tunnel key) -> (upload, download) buckets of limited tunnels.
+        self.tunnel_buckets: dict[TunnelKey, tuple[Bucket, Bucket]] = {}
+        #: client id -> (upload, download) buckets of limited clients.
+        self.client_buckets: dict[str, tuple[Bucket, Bucket]] = {}
+        for client_id in settings.client_policies:
+            self.quota.account(client_id)  # shown (and resettable) at once
+
+    def client_policy(self, client_id: str) -> ClientPolicy:
+        """The client's entry of ``ClientPolicies``, else ``DefaultClientPolicy``."""
+        policy = self.settings.client_policies.get(client_id)
+        return policy if policy is not None else self.settings.default_client
+
+    # -- admission ----------------------------------------------------------
+
+    def check(
+        self, peer: object, tunnel: Tunnel, candidates: MutableSequence[str]
+    ) -> Denied | None:
+        """Whether a new connection from ``peer`` may use ``tunnel``.
+
+        Removes from ``candidates`` the clients whose own policy refuses it
+        (their source lists, their quota); refuses when none is left. The
+        refusal is counted and logged here; the caller only closes.
+        """
+        settings = self.settings
+        host = getattr(peer, "host", None)
+        host = host if isinstance(host, str) else None
+        address = parse_ip(host) if host is not None else None
+        subject = tunnel.client_ids[0]
+        reason = source_refusal(
+            address,
+            (settings.default_deny, tunnel.deny_source_cidrs),
+            (settings.default_allow, tunnel.allow_source_cidrs),
+        )
+        if reason is None and candidates:
+            reason, subject = self._filter_clients(address, candidates)
+        if reason is not None:
+            return self._refuse(reason, tunnel, subject, host)
+        rate, burst = tunnel.new_connection_rate, tunnel.new_connection_burst
+        if rate is None:
+            rate, burst = settings.default_rate, settings.default_burst
+        if rate:
+            source = source_key(host, settings.ipv6_prefix) if host else UNKNOWN_SOURCE
+            burst = burst or max(1, math.ceil(rate))
+            if not self.limiter.allow(
+                (tunnel.key, source), rate, burst, self.clock.seconds()
+            ):
+                self.stats.limit_hit(Limit.NEW_CONNECTION_RATE)
+                return self._refuse(Refusal.RATE_LIMITED, tunnel, subject, host)
+        return None
+
+    def _filter_clients(
+        self, address: tuple[int, int] | None, candidates: MutableSequence[str]
+    ) -> tuple[Refusal | None, str]:
+        first: tuple[Refusal, str] | None = None
+        now = self.clock.seconds()
+        for client_id in list(candidates):
+            policy = self.client_policy(client_id)
+            if policy.empty:
+                continue
+            reason = source_refusal(
+                address, (policy.deny_source_cidrs,), (policy.allow_source_cidrs,)
+            )
+            if reason is None and policy.quota_bytes:
+                account = self.quota.account(client_id)
+                if account is not None and account.exceeded(now):
+                    reason = Refusal.QUOTA_EXCEEDED
+            if reason is not None:
+                candidates.remove(client_id)
+                if first is None:
+                    first = (reason, client_id)
+        if candidates or first is None:
+            return None, ""
+        return first
+
+    def _refuse(
+        self, reason: Refusal, tunnel: Tunnel, client_id: str, host: str | None
+    ) -> Denied:
+        self.stats.refuse_by_policy(reason, tunnel.key, client_id)
+        why = f"{reason.value} (source {host or 'unknown'}, client {client_id})"
+        if reason is not Refusal.QUOTA_EXCEEDED:  # said once when it was crossed
+            self.hits.hit(_tunnel_name(tunnel.key), reason.value, why)
+        return Denied(reason, None, why)
+
+    # -- relaying -----------------------------------------------------------
+
+    def meter(self, public: RelayedConnection, tunnel: Tunnel) -> FlowMeter | None:
+        """The meter of a connection now relayed, or None when nothing applies."""
+        flow = public.flow
+        assert flow is not None
+        if not tunnel.bandwidth and all(
+            self.client_policy(c).empty for c in tunnel.client_ids
+        ):
+            return None
+        up, down = self._directions(public, tunnel, flow.client_id)
+        meter = FlowMeter(
+            flow,
+            self.clock,
+            up,
+            down,
+            self.quota.account(flow.client_id),
+            on_cut=lambda: self._cut(public, tunnel, flow),
+            rebind=lambda m: self._rebind(m, public, tunnel),
+        )
+        return meter
+
+    def _directions(
+        self, public: RelayedConnection, tunnel: Tunnel, client_id: str
+    ) -> tuple[Direction | None, Direction | None]:
+        ups: list[Bucket] = []
+        downs: list[Bucket] = []
+        if tunnel.bandwidth:
+            up, down = self._tunnel_buckets(tunnel)
+            ups.append(up)
+            downs.append(down)
+        client = self._client_buckets(client_id)
+        if client is not None:
+            ups.append(client[0])
+            downs.append(client[1])
+        if not ups:
+            return None, None
+
+        def stream() -> Any:
+            peer = public.peer
+            return peer.transport if peer is not None else None
+
+        def user() -> Any:
+            return public.transport
+
+        def stream_reading() -> Any:
+            # The stream's producer is the relay's stand-in for the user.
+            return getattr(public.peer, "reading", None)
+
+        clock = self.clock
+        return (
+            Direction(clock, tuple(ups), user, stream_reading),
+            Direction(clock, tuple(downs), stream, user),
+        )
+
+    def _rebind(
+        self, meter: FlowMeter, public: RelayedConnection, tunnel: Tunnel
+    ) -> None:
+        for direction in (meter.up, meter.down):
+            if direction is not None:
+                direction.close()
+        meter.up, meter.down = self._directions(public, tunnel, meter.client_id)
+        meter.account = self.quota.account(meter.client_id)
+
+    def _tunnel_buckets(self, tunnel: Tunnel) -> tuple[Bucket, Bucket]:
+        buckets = self.tunnel_buckets.get(tunnel.key)
+        rate, burst = tunnel.bandwidth, tunnel.bandwidth_burst
+        if buckets is None:
+            name = _tunnel_name(tunnel.key)
+            buckets = self.tunnel_buckets[tunnel.key] = (
+                self._bucket(rate, burst, name, "upload"),
+                self._bucket(rate, burst, name, "download"),
+            )
+        elif buckets[0].rate != rate or buckets[0].burst != (burst or rate):
+            for bucket in buckets:
+                bucket.set_rate(rate, burst)
+        return buckets
+
+    def _client_buckets(self, client_id: str) -> tuple[Bucket, Bucket] | None:
+        buckets = self.client_buckets.get(client_id)
+        if buckets is None:
+            policy = self.client_policy(client_id)
+            if not policy.bandwidth:
+                return None
+            rate, burst = policy.bandwidth, policy.bandwidth_burst
+            name = f"client {client_id}"
+            buckets = self.client_buckets[client_id] = (
+                self._bucket(rate, burst, name, "upload"),
+                self._bucket(rate, burst, name, "download"),
+            )
+        return buckets
+
+    def _bucket(self, rate: int, burst: int, name: str, direction: str) -> Bucket:
+        def limited(bucket: Bucket) -> None:
+            self.stats.limit_hit(Limit.BANDWIDTH)
+            self.hits.hit(
+                name,
+                f"bandwidth_{direction}",
+                f"{direction} held to {int(bucket.rate)} bytes/s",
+            )
+
+        return Bucket(self.clock, rate, burst, on_limited=limited)
+
+    def _cut(self, public: RelayedConnection, tunnel: Tunnel, flow: Flow) -> None:
+        self.stats.refuse_by_policy(Refusal.QUOTA_CUT, tunnel.key, flow.client_id)
+        public.give_up(abort=True)
+
+    def _exceeded(self, account: QuotaAccount) -> None:
+        self.stats.limit_hit(Limit.QUOTA)
+        log.warn(
+            "client {client_id}: quota of {limit} bytes for the {period} from"
+            " {start} reached ({used} used): new connections refused{cut}",
+            client_id=account.client_id,
+            limit=account.limit,
+            period=account.period,
+            start=account.view()["QuotaPeriodStart"],
+            used=account.used,
+            cut=f", {len(account.meters)} running ones cut"
+            if account.cut_running
+            else "; running ones finish",
+        )
+        if account.cut_running:
+            for meter in list(account.meters):
+                meter.cut()
+
+    # -- changes and views --------------------------------------------------
+
+    def tunnels_applied(self, tunnels: Sequence[Tunnel]) -> None:
+        """A new tunnel set is in force: follow its bandwidth, forget the rest.
+
+        Connections running on a dropped tunnel keep their buckets.
+        """
+        limited = {t.key: t for t in tunnels if t.bandwidth}
+        for key in list(self.tunnel_buckets):
+            if key not in limited:
+                del self.tunnel_buckets[key]
+        for tunnel in limited.values():
+            if tunnel.key in self.tunnel_buckets:
+                self._tunnel_buckets(tunnel)
+
+    def reset_quota(self, client_id: str) -> QuotaAccount | None:
+        """Start a client's quota count over; None without a quota."""
+        return self.quota.reset(client_id)
+
+    def refused(self, tunnel: TunnelKey | None = None, client_id: str | None = None):  # noqa: ANN201
+        """Policy refusals by reason, of one tunnel or one client."""
+        counts = dict.fromkeys((r.value for r in POLICY_REFUSALS), 0)
+        for (key, client, reason), n in self.stats.policy_refused.items():
+            if (tunnel is None or key == tunnel) and (
+                client_id is None or client == client_id
+            ):
+                counts[reason.value] += n
+        return counts
+
+    def client_view(self, client_id: str) -> dict[str, Any]:
+        """The policy fields ``GET /clients`` adds to a client."""
+        view = self.quota.view(client_id)
+        buckets = self.client_buckets.get(client_id)
+        view["Bandwidth"] = (
+            {"Upload": buckets[0].view(), "Download": buckets[1].view()}
+            if buckets is not None
+            else None
+        )
+        view["Refused"] = self.refused(client_id=client_id)
+        return view
+
+    def tunnel_view(self, tunnel: Tunnel) -> dict[str, Any]:
+        """The policy state of one tunnel in force (``GET /tunnels/status``)."""
+        buckets = self.tunnel_buckets.get(tunnel.key)
+        return {
+            "ListenAddress": tunnel.listen_address,
+            "ListenPort": tunnel.listen_port,
+            "ListenHostnameGlob": tunnel.hostname_glob,
+            "Refused": self.refused(tunnel=tunnel.key),
+            "Bandwidth": {"Upload": buckets[0].view(), "Download": buckets[1].view()}
+            if buckets is not None
+            else None,
+        }

@@ -131,6 +131,8 @@ class _ClientPolicyKind(Kind):
         except UnknownField as e:
             # Named by the caller's field, not as a top-level key.
             raise SchemaError(e.message) from None
+        except SchemaError as e:
+            raise (e.within(".") if e.field else e) from None
         return policy
 
     def to_json(self, value: Any) -> object:
@@ -159,8 +161,7 @@ class _ClientPoliciesKind(Kind):
             try:
                 policies[client_id] = CLIENT_POLICY_KIND.check(entry)
             except SchemaError as e:
-                where = f".{client_id}." if e.field else f".{client_id}"
-                raise e.within(where) from None
+                raise e.within(f".{client_id}") from None
         return MappingProxyType(policies)
 
     def to_json(self, value: Any) -> object:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 from datetime import UTC, datetime
 
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from threshold.config.policy import ClientPolicy
+from threshold.server import statefile
 from threshold.server.quota import (
     QuotaAccount,
     QuotaBook,
@@ -16,6 +20,14 @@ from threshold.server.quota import (
     iso,
     parse_iso,
     period_bounds,
+)
+from threshold.server.routes import parse_tunnels
+from threshold.server.statefile import (
+    StateFile,
+    StateFileError,
+    read_state,
+    read_state_file,
+    write_state,
 )
 
 
@@ -211,3 +223,117 @@ class BookTests(SynchronousTestCase):
         self.assertEqual(self.book.version, v)
         self.book.account("q").add(1, self.clock.seconds())
         self.assertNotEqual(self.book.version, v)
+
+
+def at_once(f, *args):
+    """A thread runner that runs in the caller's thread."""
+    return maybeDeferred(f, *args)
+
+
+TUNNELS = parse_tunnels([{"ClientId": "a", "ListenPort": 9000, "BackEndService": "s"}])
+USAGE = {"a": SavedUsage("month", at(2025, 8, 1), 1234)}
+
+
+class StateFileTests(SynchronousTestCase):
+    """Quota usage kept in the state file, next to the tunnel set."""
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.path = os.path.join(directory, "state.json")
+
+    def test_round_trip(self):
+        """Tunnels and usage read back as written; the file is an object then."""
+        write_state(self.path, TUNNELS, USAGE)
+        state = read_state_file(self.path)
+        self.assertEqual(state.tunnels, TUNNELS)
+        self.assertEqual(dict(state.quota), USAGE)
+        with open(self.path) as f:
+            body = json.load(f)
+        self.assertEqual(set(body), {"Tunnels", "QuotaUsage"})
+        self.assertEqual(read_state(self.path), TUNNELS)
+
+    def test_without_usage_the_old_form(self):
+        """With no usage the file stays the plain list older versions read."""
+        write_state(self.path, TUNNELS, {})
+        with open(self.path) as f:
+            self.assertIsInstance(json.load(f), list)
+        self.assertEqual(dict(read_state_file(self.path).quota), {})
+
+    def test_quota_save_keeps_the_tunnels(self):
+        """A usage save writes back the set read or saved last, never another."""
+        write_state(self.path, TUNNELS)
+        state = StateFile(self.path, at_once)
+        self.assertEqual(dict(state.load_quota()), {})
+        self.successResultOf(state.save_quota(USAGE))
+        self.assertEqual(read_state(self.path), TUNNELS)
+        self.successResultOf(state.save([]))
+        saved = read_state_file(self.path)
+        self.assertEqual((saved.tunnels, dict(saved.quota)), ([], USAGE))
+
+    def test_in_order_with_tunnel_saves(self):
+        """Usage and tunnel saves run one at a time in the order asked."""
+        started: list[tuple] = []
+        pending: list[Deferred[None]] = []
+
+        def runner(f, *args):
+            started.append(args[1:])
+            pending.append(Deferred())
+            return pending[-1]
+
+        state = StateFile("unused", runner)
+        state.save(TUNNELS)
+        state.save_quota(USAGE)
+        self.assertEqual(len(started), 1)
+        pending[0].callback(None)
+        # The usage save carries the set saved just before it.
+        self.assertEqual(started[1], (TUNNELS, USAGE))
+
+    def test_failed_tunnel_save_is_not_written_back(self):
+        """A tunnel save that failed is not what the next usage save writes."""
+        write_state(self.path, TUNNELS)
+        state = StateFile(self.path, at_once)
+        state.load_quota()
+
+        real = os.fsync
+
+        def broken(*args):
+            raise OSError(28, "No space left on device")
+
+        self.patch(statefile.os, "fsync", broken)
+        self.failureResultOf(state.save([]), StateFileError)
+        self.patch(statefile.os, "fsync", real)
+        self.successResultOf(state.save_quota(USAGE))
+        self.assertEqual(read_state(self.path), TUNNELS)
+
+    def test_bad_usage_named(self):
+        """A damaged QuotaUsage is refused naming the client and what is wrong."""
+        good = {
+            "Period": "month",
+            "PeriodStart": "2025-08-01T00:00:00Z",
+            "UsedBytes": 5,
+        }
+        cases = [
+            ({"a": dict(good, Period="week")}, 'QuotaUsage.a": expected "day"'),
+            ({"a": dict(good, UsedBytes=-1)}, "expected a byte count"),
+            ({"a": dict(good, UsedBytes=True)}, "expected a byte count"),
+            ({"a": dict(good, PeriodStart="yesterday")}, "expected a UTC time"),
+            ({"a": {"Period": "month"}}, "expected {"),
+            ({"a@b": good}, "invalid ClientId"),
+            ([], "QuotaUsage: expected an object"),
+        ]
+        for usage, words in cases:
+            with open(self.path, "w") as f:
+                json.dump({"Tunnels": [], "QuotaUsage": usage}, f)
+            with self.assertRaises(StateFileError, msg=words) as caught:
+                read_state_file(self.path)
+            self.assertIn(words, str(caught.exception))
+            self.assertTrue(str(caught.exception).startswith(self.path))
+        with open(self.path, "w") as f:
+            json.dump({"Tunnels": [], "Colour": 1}, f)
+        with self.assertRaisesRegex(StateFileError, "unknown key"):
+            read_state_file(self.path)
+        with open(self.path, "w") as f:
+            json.dump({"QuotaUsage": {}}, f)
+        with self.assertRaisesRegex(StateFileError, "saved state object"):
+            read_state_file(self.path)

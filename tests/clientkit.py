@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
@@ -160,3 +161,80 @@ def connect(
     return Connected(
         settings, session.handler, session, server, pump, seen, link, answers
     )
+
+
+class GatewayEndpoint:
+    """Each connect joins the client, in memory, to a new fake gateway.
+
+    ``reply`` answers every hello (it may be changed between attempts);
+    ``refuse_connect`` makes attempts fail as a closed port would.
+    """
+
+    def __init__(
+        self, clock: Clock, reply: bytes, close_after_reply: bool = False
+    ) -> None:
+        self.clock = clock
+        self.reply = reply
+        self.close_after_reply = close_after_reply
+        self.refuse_connect = False
+        self.black_hole = False
+        self.seen: list = []
+        self.attempts: list[float] = []
+        self.pumps: list[iosim.IOPump] = []
+        self.gateways: list[MuxSession] = []
+        #: Stream 1 of each gateway session, in order.
+        self.answers: list[HelloAnswer] = []
+
+    def _answer(self, stream):
+        if stream.id != 1:
+            return None
+        self.answers.append(HelloAnswer(self.reply, self.seen, self.close_after_reply))
+        return self.answers[-1]
+
+    def connect(self, factory):
+        self.attempts.append(self.clock.seconds())
+        if self.refuse_connect:
+            return fail(ConnectionRefusedError("refused"))
+        client = factory.buildProtocol(None)
+        server = MuxSession(
+            client=False,
+            clock=self.clock,
+            handler=StreamAcceptor(self._answer),
+            config=SessionConfig(keepalive_interval=0),
+        )
+        self.gateways.append(server)
+        self.pumps.append(
+            iosim.connect(
+                server,
+                iosim.makeFakeServer(server),
+                client,
+                iosim.makeFakeClient(client),
+                greet=False,
+                clock=self.clock,
+            )
+        )
+        return succeed(client)
+
+    def flush(self) -> None:
+        """Move the bytes waiting between every pair.
+
+        With ``black_hole`` set the bytes are dropped both ways instead (a
+        gateway frozen or cut off); a closed connection is still seen.
+        """
+        for pump in self.pumps:
+            if self.black_hole:
+                pump.clientIO.getOutBuffer()
+                pump.serverIO.getOutBuffer()
+            pump.flush()
+
+    def run(self, seconds: float, step: float = 0.25) -> None:
+        """Let ``seconds`` pass, moving bytes between every pair meanwhile."""
+        for _ in range(round(seconds / step)):
+            self.flush()
+            self.clock.advance(step)
+        self.flush()
+
+    @property
+    def control_lines(self) -> list[bytes]:
+        """Every control line the client sent to this gateway, in order."""
+        return [line for answer in self.answers for line in answer.lines]

@@ -2,61 +2,15 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
-from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.clientkit import HELLO_TIMEOUT, HelloAnswer, make_settings
+from tests.clientkit import HELLO_TIMEOUT, GatewayEndpoint, make_settings
 from threshold.client.gateway import GatewayLink
 from threshold.client.service import reconnecting_service
 from threshold.client.session import SessionState
-from threshold.mux.interfaces import StreamAcceptor
-from threshold.mux.session import GoAwayReceived, MuxSession, SessionConfig
+from threshold.mux.session import GoAwayReceived
 from threshold.wire.handshake import encode_hello_reply
-
-
-class GatewayEndpoint:
-    """Each connect joins the client, in memory, to a new fake gateway."""
-
-    def __init__(self, clock: Clock, reply: bytes) -> None:
-        self.clock = clock
-        self.reply = reply
-        self.seen: list = []
-        self.attempts: list[float] = []
-        self.pumps: list[iosim.IOPump] = []
-        self.gateways: list[MuxSession] = []
-
-    def connect(self, factory):
-        self.attempts.append(self.clock.seconds())
-        client = factory.buildProtocol(None)
-        server = MuxSession(
-            client=False,
-            clock=self.clock,
-            handler=StreamAcceptor(lambda s: HelloAnswer(self.reply, self.seen)),
-            config=SessionConfig(keepalive_interval=0),
-        )
-        self.gateways.append(server)
-        self.pumps.append(
-            iosim.connect(
-                server,
-                iosim.makeFakeServer(server),
-                client,
-                iosim.makeFakeClient(client),
-                greet=False,
-                clock=self.clock,
-            )
-        )
-        return succeed(client)
-
-    def run(self, seconds: float, step: float = 0.25) -> None:
-        """Let ``seconds`` pass, moving bytes between every pair meanwhile."""
-        for _ in range(round(seconds / step)):
-            for pump in self.pumps:
-                pump.flush()
-            self.clock.advance(step)
-        for pump in self.pumps:
-            pump.flush()
 
 
 def start(reply: bytes) -> tuple:

@@ -56,7 +56,7 @@ Listener = Callable[[bytes], None]
 class CheckState(enum.Enum):
     """What the latest check of a service found."""
 
-    #: No check has finished yet (just started, or its address changed).
+    #: No check has finished yet.
     UNKNOWN = "unknown"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
@@ -83,11 +83,17 @@ def tcp_probe(reactor: Any) -> Probe:
     def probe(host: str, port: int, timeout: float) -> defer.Deferred[None]:
         endpoint = local_tcp_endpoint(reactor, timeout)(host, port)
         d: defer.Deferred[Any] = endpoint.connect(_ProbeFactory())
-        d.addTimeout(timeout, reactor)
+        # Cancelling an endpoint's attempt fails it with
+        # ConnectingCancelledError, which addTimeout would pass on as is.
+        d.addTimeout(timeout, reactor, onTimeoutCancel=_timed_out)
         d.addCallback(lambda _: None)
         return d
 
     return probe
+
+
+def _timed_out(result: object, timeout: float) -> None:
+    raise defer.TimeoutError(f"no connection within {timeout:g}s")
 
 
 def describe_failure(failure: Failure, host: str, port: int, timeout: float) -> str:
@@ -107,8 +113,8 @@ def describe_failure(failure: Failure, host: str, port: int, timeout: float) -> 
 class ServiceCheck:
     """One service's check: a probe every interval, the latest result.
 
-    ``changed(check)`` is called when the state moves (UNKNOWN to a result,
-    or between HEALTHY and UNHEALTHY); a new detail alone is no change.
+    ``reported(check)`` is called after each result, so the owner can tell
+    a change of state (logged here) from a new detail.
     """
 
     def __init__(
@@ -118,7 +124,7 @@ class ServiceCheck:
         config: HealthCheck,
         clock: IReactorTime,
         probe: Probe,
-        changed: Callable[[ServiceCheck], None],
+        reported: Callable[[ServiceCheck], None],
     ) -> None:
         self.service = service
         self.address = address
@@ -131,7 +137,7 @@ class ServiceCheck:
         self.checks = 0
         self._clock = clock
         self._probe = probe
-        self._changed = changed
+        self._reported = reported
         self._loop: LoopingCall | None = None
         self._running: defer.Deferred[None] | None = None
 
@@ -193,22 +199,20 @@ class ServiceCheck:
         self.checks += 1
         self.last_checked = self._clock.seconds()
         previous, self.state, self.detail = self.state, state, detail
-        if state is previous:
-            return
-        address = format_address(*self.address)
-        if state is CheckState.HEALTHY:
-            log.info(
-                "health check {service} ({address}): healthy",
-                service=self.service,
-                address=address,
-            )
-        else:
-            log.warn(
-                "health check {service}: unhealthy: {why}",
-                service=self.service,
-                why=detail,
-            )
-        self._changed(self)
+        if state is not previous:
+            if state is CheckState.HEALTHY:
+                log.info(
+                    "health check {service} ({address}): healthy",
+                    service=self.service,
+                    address=format_address(*self.address),
+                )
+            else:
+                log.warn(
+                    "health check {service}: unhealthy: {why}",
+                    service=self.service,
+                    why=detail,
+                )
+        self._reported(self)
 
 
 class HealthMonitor(Service):
@@ -253,7 +257,7 @@ class HealthMonitor(Service):
         return unsubscribe
 
     def _update(self) -> None:
-        """A state changed (or a check came or went): tell every session."""
+        """Recompute the line; tell every session if a state changed."""
         known = [c for c in self.checks.values() if c.state is not CheckState.UNKNOWN]
         states = {c.service: c.state is CheckState.HEALTHY for c in known}
         self._line = encode_health(
@@ -267,7 +271,7 @@ class HealthMonitor(Service):
         for listener in list(self._listeners):
             listener(self._line)
 
-    def _changed(self, check: ServiceCheck) -> None:
+    def _reported(self, check: ServiceCheck) -> None:
         if self.checks.get(check.service) is check:
             self._update()
 
@@ -291,7 +295,7 @@ class HealthMonitor(Service):
                     )
             elif check is None:
                 check = ServiceCheck(
-                    name, address, config, self._clock, self._probe, self._changed
+                    name, address, config, self._clock, self._probe, self._reported
                 )
                 self.checks[name] = check
                 if self.running:

@@ -27,6 +27,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from threshold.client.gateway import LinkState
 from threshold.client.streams import ServiceStream
 from threshold.logs import observer as log_observer
 from threshold.mux.session import MuxSession
@@ -170,9 +171,16 @@ class ClientSession:
         return ServiceStream(self.settings)
 
     def go_away_received(self, session: MuxSession, code: int) -> None:
-        """The gateway is leaving (draining): say so until the session ends."""
+        """The gateway is leaving (draining): say so until the session ends.
+
+        Stream 1 is closed too (as the gateway does on its side), so the
+        session ends with the last user's stream.
+        """
         if self.state is SessionState.ACCEPTED:
             self.link.draining()
+            self._stop_reporting()
+            if self.control is not None and not self.control.transport.disconnecting:
+                self.control.transport.loseConnection()
 
     def session_ended(self, session: MuxSession, reason: BaseException) -> None:
         """Fail a pending hello; log the end of an accepted session."""
@@ -279,7 +287,7 @@ class ClientSession:
         if self.state is not SessionState.ACCEPTED or self.session.closed:
             return
         self._stop_reporting()
-        if self.settings.health is not None:
+        if self.settings.health is not None and self.link.state is LinkState.CONNECTED:
             log.info(
                 "{server} closed the control channel (an older gateway?): health"
                 " is not reported to it",
@@ -326,14 +334,15 @@ class ControlChannel(LineOnlyReceiver):
                 f"{BAD_REPLY}: line longer than {self.MAX_LENGTH} bytes without a"
                 " newline"
             )
-        else:
-            log.warn(
-                "{server}: control line longer than {limit} bytes; control channel"
-                " closed",
-                server=self.client.link.label,
-                limit=self.MAX_LENGTH,
-            )
-        self.transport.loseConnection()
+            self.transport.loseConnection()
+            return
+        log.warn(
+            "{server}: control line longer than {limit} bytes; control channel reset",
+            server=self.client.link.label,
+            limit=self.MAX_LENGTH,
+        )
+        # The gateway broke the channel's one rule: RST, not a polite close.
+        self.transport.abortConnection()
 
     def send(self, line: bytes) -> None:
         """Send one control line (the latest one only, while paused)."""

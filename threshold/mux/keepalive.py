@@ -61,11 +61,8 @@ class Keepalive:
         self.answer_due: int | None = None
         #: The latest round trip measured (seconds), None before the first.
         self.rtt: float | None = None
-
-    @property
-    def min_rtt(self) -> float | None:
-        """The smallest of the recent round trips, None before the first."""
-        return min(self._samples) if self._samples else None
+        #: The smallest of the recent round trips, None before the first.
+        self.min_rtt: float | None = None
 
     def start(self) -> None:
         """Send the first Ping, unless keepalive is off."""
@@ -98,6 +95,7 @@ class Keepalive:
             return
         self.rtt = self._clock.seconds() - self._sent_at
         self._samples.append(self.rtt)
+        self.min_rtt = min(self._samples)
         self._sent_at = None
         if self._timeout_call is not None:
             if self._timeout_call.active():

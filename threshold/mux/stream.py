@@ -283,20 +283,25 @@ class Stream:
     def data_received(self, data: bytes) -> None:
         """Payload for this stream arrived (already checked against window)."""
         size = len(data)
-        self._window.left -= size
+        window = self._window
+        window.left -= size
         self.bytes_received += size
         state = self.state
         if state not in PEER_SENDING:
             return  # after the peer's FIN: nothing more is handed on
-        if state is _LINGERING:
-            self._consume(size)  # dropped, but its window granted back
-            return
-        if self._reading_paused or self._recv_buffer or self.protocol is None:
+        lingering = state is _LINGERING
+        if not lingering and (
+            self._reading_paused or self._recv_buffer or self.protocol is None
+        ):
             self._recv_buffer.append(data)
             self._recv_buffered += size
             return
-        self._consume(size)
-        self._give(data)
+        # Handed on (or, lingering, dropped): its window is granted back.
+        window.consumed += size
+        if window.consumed * 2 >= window.size:
+            self._grant()
+        if not lingering:
+            self._give(data)
 
     def ack_received(self) -> None:
         """The peer acknowledged the stream we opened."""
@@ -454,11 +459,13 @@ class Stream:
             window.consumed += count
             # Rounded up, so that halving the window never grants below 0.
             if window.consumed * 2 >= window.size:
-                delta = window.grant()
-                if delta:
-                    self.session.send_window_update(
-                        self.id, self.take_frame_flags(), delta
-                    )
+                self._grant()
+
+    def _grant(self) -> None:
+        """Resize the window (within the budget) and grant what was read."""
+        delta = self._window.grant()
+        if delta:
+            self.session.send_window_update(self.id, self.take_frame_flags(), delta)
 
     def _drop_received(self) -> None:
         if self._recv_buffered:

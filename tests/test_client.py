@@ -120,7 +120,10 @@ class HelloTests(SynchronousTestCase):
         c.pump.flush()
         self.assertIs(c.client.state, SessionState.CLOSED)
         failure = self.failureResultOf(c.client.when_ready(), HelloRefused)
-        self.assertIn("stream 1 closed before the hello reply", str(failure.value))
+        self.assertIn(
+            "connection closed before the hello reply: Connection was closed cleanly",
+            str(failure.value),
+        )
         # Counted for the backoff once; the hello timer went with the session.
         self.assertEqual(c.link.consecutive_refusals, 1)
         c.clock.advance(HELLO_TIMEOUT + 1)

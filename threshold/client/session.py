@@ -277,12 +277,16 @@ class ClientSession:
             kind=kind,
         )
 
-    def control_closed(self) -> None:
+    def control_closed(self, reason: Failure) -> None:
         """Stream 1 ended: before the answer, the hello failed; after, only
         health reports stop (the session goes on)."""
         self.control = None
         if self.state is SessionState.HELLO_SENT:
-            self.hello_failed(STREAM_CLOSED)
+            if self.session.closed:
+                # The whole connection went (a TLS refusal, a reset): say why.
+                self.hello_failed(f"{SESSION_CLOSED}: {reason.getErrorMessage()}")
+            else:
+                self.hello_failed(STREAM_CLOSED)
             return
         if self.state is not SessionState.ACCEPTED or self.session.closed:
             return
@@ -371,7 +375,7 @@ class ControlChannel(LineOnlyReceiver):
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         """Stream 1 ended."""
         self._pending = None
-        self.client.control_closed()
+        self.client.control_closed(reason)
 
 
 def session_factory(settings: ClientSettings, link: GatewayLink) -> Factory:

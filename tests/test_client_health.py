@@ -10,6 +10,7 @@ from __future__ import annotations
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.clientkit import connect, make_settings
@@ -20,7 +21,8 @@ from threshold.client.session import ClientSession, ControlChannel, SessionState
 from threshold.config.client import HealthCheck
 from threshold.mux.session import GO_AWAY_NORMAL
 from threshold.mux.stream import StreamReset
-from threshold.wire.handshake import MAX_LINE, encode_hello_reply
+from threshold.testing import Collector
+from threshold.wire.handshake import MAX_LINE, encode_hello_reply, encode_stream_header
 
 WEB_UP = b'{"health":{"web":true}}\n'
 WEB_UP_DB_DOWN = (
@@ -288,9 +290,6 @@ class GoAwayTests(SynchronousTestCase):
 
     def test_draining_while_streams_run(self):
         """With a user's stream still open the session drains before it ends."""
-        from threshold.testing import Collector
-        from threshold.wire.handshake import encode_stream_header
-
         c = connect()
         user = Collector()
         c.server.open_stream(user).write(encode_stream_header("web"))
@@ -299,3 +298,49 @@ class GoAwayTests(SynchronousTestCase):
         c.pump.flush()
         self.assertIs(c.link.state, LinkState.DRAINING)
         self.assertFalse(c.session.closed)
+
+
+class LogLineTests(SynchronousTestCase):
+    """Every line about a session names its gateway (and its id, once known)."""
+
+    def setUp(self):
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events]
+
+    def test_session_lines(self):
+        """Connected, up, a stream reset, down: each names host:port and id."""
+        c = connect(reply=encode_hello_reply(True, gateway="eu-1"))
+        user = Collector()
+        c.server.open_stream(user).write(encode_stream_header("nope"))
+        c.pump.flush()
+        c.server.transport.loseConnection()
+        c.pump.flush()
+        lines = [line for line in self.lines() if "server:9056" in line]
+        self.assertTrue(lines[0].startswith("connected to server:9056; sending"))
+        self.assertEqual(
+            lines[1], "tunnel to server:9056 (gateway eu-1) up as client TestClient1"
+        )
+        self.assertTrue(
+            lines[2].startswith(
+                "session to server:9056 (gateway eu-1): stream 2:"
+                ' unknown service "nope"'
+            ),
+            lines[2],
+        )
+        self.assertTrue(
+            any(
+                line.startswith("tunnel to server:9056 (gateway eu-1) down")
+                for line in lines
+            )
+        )
+
+    def test_refusal_line(self):
+        """A refused hello is logged with the gateway's address."""
+        connect(reply=encode_hello_reply(False, "unknown client"))
+        self.assertIn(
+            "server:9056: server refused the hello: unknown client", self.lines()
+        )

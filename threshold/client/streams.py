@@ -75,8 +75,10 @@ class ServiceStream(PrefixRelay):
         self._connecting.addCallbacks(self._connected, self._failed)
 
     def _reset(self, message: str, **fields: object) -> None:
+        # The session's name says which gateway ("session to gw1:9056 ...").
         log.warn(
-            "stream {stream_id}: " + message + "; reset",
+            "{session}: stream {stream_id}: " + message + "; reset",
+            session=self.transport.session.name,
             stream_id=self.transport.id,
             **fields,
         )

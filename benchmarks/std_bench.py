@@ -117,7 +117,7 @@ class Bench:
         self.iperf = iperf
         self.workdir = workdir
         self.figures = figures
-        self.errors: list[str] = []
+        self.errors: list[str] = figures["errors"]
 
     def record(self, path: str, key: str, value: Any) -> None:
         self.figures["runs"].setdefault(path, {}).setdefault(key, []).append(value)
@@ -161,13 +161,13 @@ class Bench:
                 )
                 break
             except ToolError as e:
-                say(f"  {tunnel.name} {key}: {e}")
+                say(f"  {tunnel.name} {key}: {e}; trying again")
+                self.figures["retries"].append(f"{tunnel.name}, {key}: {e}")
                 if "busy" in str(e):
                     # iperf3 -s says so until it has wound up the last test.
                     time.sleep(0.5)
                 else:
                     # A test that failed half-way can leave the server stuck.
-                    self.errors.append(f"{tunnel.name}, {key}: {e}")
                     self.iperf.restart()
         else:
             self.errors.append(f"{tunnel.name}, {key}: no result in 4 tries")
@@ -273,6 +273,8 @@ def run(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     paths = [p.strip() for p in args.paths.split(",")]
     programs = LOADS + [tool for p in paths for tool in NEEDS.get(p, [])]
     tools = std_tools.ensure(programs, install=not args.no_install, say=say)
+    if args.profile:
+        std_profile.py_spy()  # missing: say so now, not after the rounds
     started = time.monotonic()
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -285,7 +287,7 @@ def run(args: argparse.Namespace, figures: dict[str, Any]) -> None:
         "versions": tool_versions(tools),
         **machine(),
     }
-    figures.update(info=info, runs={}, errors=[])
+    figures.update(info=info, runs={}, errors=[], retries=[])
     workdir = Path(tempfile.mkdtemp(prefix="threshold-std-bench-"))
     info["workdir"] = str(workdir)
     say(f"working directory {workdir}; load average {info['load_start']}")
@@ -319,11 +321,8 @@ def run(args: argparse.Namespace, figures: dict[str, Any]) -> None:
         bench = Bench(tools, s, iperf, workdir, figures)
         for number in range(1, s.rounds + 1):
             bench.round(tunnels, number)
-        figures["errors"] = bench.errors
         if args.profile:
-            target = next((t for t in tunnels if t.name == "threshold TLS"), None)
-            if target is None:
-                raise BenchError("--profile needs the threshold TLS path")
+            target = next(t for t in tunnels if t.name == "threshold TLS")
             figures["profile"] = std_profile.profile_close(
                 target, tools, PROFILE_SECONDS, Path(args.profile), CONNECTIONS
             )
@@ -381,9 +380,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep", action="store_true", help="keep the working directory (logs)"
     )
     args = parser.parse_args(argv)
-    unknown = {p.strip() for p in args.paths.split(",")} - set(PATHS)
-    if unknown:
-        parser.error(f"unknown paths: {', '.join(sorted(unknown))}")
+    paths = {p.strip() for p in args.paths.split(",")}
+    if paths - set(PATHS):
+        parser.error(f"unknown paths: {', '.join(sorted(paths - set(PATHS)))}")
+    if args.profile and "threshold TLS" not in paths:
+        parser.error("--profile needs the threshold TLS path")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
     return args

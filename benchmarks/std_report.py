@@ -124,6 +124,11 @@ def report(figures: dict[str, Any], out=print) -> None:
         out("CPU per request by process (ssh -R: sshd, all its processes / ssh):")
         for line in split:
             out(line)
+    if figures.get("retries"):
+        out("")
+        out(f"iperf3 runs tried again ({len(figures['retries'])}), e.g.:")
+        for e in figures["retries"][:3]:
+            out(f"  {e}")
     if figures.get("errors"):
         out("")
         out(f"errors ({len(figures['errors'])}):")

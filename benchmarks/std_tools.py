@@ -140,13 +140,17 @@ def parse_iperf3(text: str) -> Bulk:
         raise ToolError(f"iperf3: {doc['error']}")
     try:
         total = doc["end"]["sum_received"]
-        return Bulk(
+        out = Bulk(
             bits_per_second=float(total["bits_per_second"]),
             bytes=int(total["bytes"]),
             seconds=float(total["seconds"]),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ToolError(f"iperf3 JSON without end.sum_received ({e!r})") from None
+    if out.bytes <= 0 or out.seconds <= 0:
+        # Seen on a very busy machine: a test that ends having moved nothing.
+        raise ToolError(f"iperf3 received {out.bytes} bytes in {out.seconds} s")
+    return out
 
 
 # -- wrk ----------------------------------------------------------------------

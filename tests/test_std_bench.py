@@ -48,6 +48,14 @@ class Iperf3Tests(SynchronousTestCase):
         with self.assertRaisesRegex(ToolError, "Connection refused"):
             std_tools.parse_iperf3(recorded("iperf3_refused.json"))
 
+    def test_nothing_received(self):
+        """A test that ended having moved no bytes is an error, not a zero
+        rate (and no division by zero for CPU per GB)."""
+        doc = json.loads(recorded("iperf3_P2_reverse.json"))
+        doc["end"]["sum_received"].update(bytes=0, bits_per_second=0)
+        with self.assertRaisesRegex(ToolError, "received 0 bytes"):
+            std_tools.parse_iperf3(json.dumps(doc))
+
     def test_not_json(self):
         """Output that is not JSON is refused, not read as zero."""
         with self.assertRaisesRegex(ToolError, "no JSON"):

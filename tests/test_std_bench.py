@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.components import missing as missing_component
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -238,7 +240,7 @@ class SmokeTests(SynchronousTestCase):
         missing = [p for p in missing if std_tools.find(p) is None]
         if missing:
             packages = {std_tools.PACKAGES[p] for p in missing}
-            raise SkipTest(f"needs {std_tools.install_line(packages)}")
+            raise missing_component(f"needs {std_tools.install_line(packages)}")
         self.out = Path(tempfile.mkdtemp(prefix="std-bench-test-"))
 
     def start(self, *args: str) -> subprocess.Popen:

@@ -116,8 +116,11 @@ class ManagementAPI:
         apply: Callable[[list[Tunnel]], Deferred[list[Tunnel]]] | None = None,
         metrics: Callable[[], bytes] | None = None,
         limit_hit: Callable[[Limit], None] = lambda limit: None,
+        fleet: Any = None,
     ) -> None:
         self._routes = routes
+        #: In a fleet (threshold.server.fleet.Fleet): PUT goes through etcd.
+        self._fleet = fleet
         #: Counts a limit hit (the server's counter, for metrics).
         self.limit_hit = limit_hit
         self._metrics = metrics
@@ -169,12 +172,17 @@ class ManagementAPI:
     def clients(self, request: IRequest) -> bytes:
         """The state of every known client."""
         self._authorize(request)
-        return self._json(request, 200, self._clients.snapshot())
+        clients = self._clients.snapshot()
+        if self._fleet is not None:
+            clients = self._fleet.clients(clients)
+        return self._json(request, 200, clients)
 
     @app.route("/tunnels", methods=["GET"])
     def get_tunnels(self, request: IRequest) -> bytes:
         """The tunnels in force."""
         self._authorize(request)
+        if self._fleet is not None:
+            request.setHeader(b"etag", self._fleet.etag())
         return self._json(request, 200, [t.to_json() for t in self._routes.tunnels()])
 
     @app.route("/tunnels/status", methods=["GET"])
@@ -190,6 +198,7 @@ class ManagementAPI:
             {
                 "Tunnels": [t.to_json() for t in self._routes.tunnels()],
                 "NotRestored": [n.to_json() for n in self._routes.not_restored()],
+                **({} if self._fleet is None else {"Gateways": self._fleet.statuses()}),
             },
         )
 
@@ -214,7 +223,11 @@ class ManagementAPI:
         if len(body) > self.max_body_bytes:
             raise self._too_large()
         tunnels = parse_tunnels(_decode_json(body))
-        applied = await self._apply(tunnels)
+        if self._fleet is not None:
+            applied, _ = await self._fleet.put(tunnels, request.getHeader(b"if-match"))
+            request.setHeader(b"etag", self._fleet.etag())
+        else:
+            applied = await self._apply(tunnels)
         log.info(
             "management API applied {count} tunnels for {peer}",
             count=len(applied),

@@ -22,7 +22,9 @@ from threshold.logs import observer as log_observer
 from threshold.server import metrics
 from threshold.server.api import ManagementAPI
 from threshold.server.control import ControlSettings
+from threshold.server.fleet import Fleet, FleetCollector, read_revision
 from threshold.server.frontend import FrontendLimits
+from threshold.server.reuseport import reuseport_listen
 from threshold.server.service import TunnelServer
 from threshold.server.site import ManagementLimits, management_site
 from threshold.server.statefile import StateFileError, read_state
@@ -76,6 +78,9 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         endpoint = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
         return endpoint(reactor, port, interface=host).listen(factory)
 
+    if config.reuses_port:
+        listen = reuseport_listen(reactor)  # noqa: F811
+
     settings = ControlSettings(
         use_tls=config.use_tls,
         domain=config.domain,
@@ -105,6 +110,14 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
     )
     top = MultiService()
     server.setServiceParent(top)
+    fleet = None
+    if config.cluster is not None:
+        # Started after the server: the watch applies after the restore.
+        fleet = build_fleet(config, server, reactor)
+        fleet.setServiceParent(top)
+    metrics_registry = metrics.server_registry(server)
+    if fleet is not None:
+        metrics_registry.register(FleetCollector(fleet))
     listener(
         server_endpoint(
             reactor, config.listen_address, config.tunnel_control_port, tls
@@ -114,8 +127,9 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
     api_options: dict[str, Any] = dict(
         max_body_bytes=config.max_management_body_bytes,
         apply=server.apply,
-        metrics=partial(metrics.render, metrics.server_registry(server)),
+        metrics=partial(metrics.render, metrics_registry),
         limit_hit=server.stats.limit_hit,
+        fleet=fleet,
     )
     if config.management_socket is not None:
         # The socket file's permissions (0600) are the access control.
@@ -164,3 +178,30 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
             "to the operator certificates' names to close that door"
         )
     return top
+
+
+def build_fleet(config: ServerConfig, server: TunnelServer, reactor: Any) -> Fleet:
+    """The gateway's part of its fleet (``Cluster``): etcd client, store, watch."""
+    from threshold.cluster.etcd import EtcdClient
+    from threshold.cluster.store import ClusterStore
+
+    cluster = config.cluster
+    assert cluster is not None
+    client = EtcdClient(
+        cluster.etcd_endpoints, reactor, cluster.tls, source=config.source
+    )
+    store = ClusterStore(client, reactor, cluster.key_prefix)
+    applied = read_revision(config.state_file)
+    if config.state_file is None:
+        log.warn(
+            "Cluster without StateFile: a restart while etcd is down comes up"
+            " with no tunnels; set StateFile to keep a local copy"
+        )
+    return Fleet(
+        server,
+        store,
+        cluster.gateway_id,
+        reactor,
+        ttl=cluster.lease_ttl_seconds,
+        applied_revision=applied,
+    )

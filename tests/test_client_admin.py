@@ -11,9 +11,10 @@ import tempfile
 from treq.testing import StubTreq
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.clientkit import make_settings
+from tests.components import missing
 from tests.support import Backend, Deployment, connect_user, free_port, tunnel
 from threshold.client.admin import ClientAdminAPI
 
@@ -22,7 +23,7 @@ def curl_unix(sock: str, path: str, put_json: str | None = None):
     """Call an HTTP API on a Unix socket with curl (in a thread); skip if none."""
     curl = shutil.which("curl")
     if curl is None:
-        raise SkipTest("curl not installed")
+        raise missing("curl is not installed")
     command = [curl, "-sS", "--unix-socket", sock]
     if put_json is not None:
         command += ["-X", "PUT", "-H", "Content-Type: application/json"]

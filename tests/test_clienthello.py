@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from tests.components import missing
 from tests.tlshello import python_hello
 from threshold.wire.clienthello import (
     DEFAULT_MAX_RECORDS,
@@ -173,7 +174,7 @@ class RealHelloTests(SynchronousTestCase):
         option it does not support) skips the test instead of failing it.
         """
         if OPENSSL is None:
-            raise SkipTest("openssl is not on PATH")
+            raise missing("openssl is not installed")
         server = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(server.close)
         server.settimeout(0.05)

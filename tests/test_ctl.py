@@ -17,11 +17,12 @@ from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.protocols.policies import WrappingFactory
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.certs import test_pki
+from tests.components import missing
 from tests.support import Deployment, free_port, tunnel
 from threshold.ctl import (
     EXIT_API_ERROR,
@@ -30,21 +31,14 @@ from threshold.ctl import (
     EXIT_USAGE,
     run,
 )
+from threshold.server.tunnels import parse_tunnels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def normalised(entry: dict[str, Any]) -> dict[str, Any]:
     """A tunnel as the API answers it: every field, defaults included."""
-    return {
-        "ClientId": entry.get("ClientId", entry.get("ClientIdentifier")),
-        "ListenAddress": entry.get("ListenAddress", "0.0.0.0"),
-        "ListenPort": entry["ListenPort"],
-        "ListenHostnameGlob": entry.get("ListenHostnameGlob", "*") or "*",
-        "BackEndService": entry["BackEndService"],
-        "HaProxyProxyProtocol": entry.get("HaProxyProxyProtocol", False),
-        "HaProxyProxyProtocolVersion": entry.get("HaProxyProxyProtocolVersion", 1),
-    }
+    return parse_tunnels([entry])[0].to_json()
 
 
 def ipv6_loopback() -> bool:
@@ -183,16 +177,20 @@ class _DeploymentMixin:
         self.assertEqual(self.deployment.server.routes.tunnels(), [])
 
     @inlineCallbacks
-    def test_client_not_connected(self):
-        """A 404 for a client that is not connected exits 1 with its message."""
-        path = self.write(json.dumps([tunnel("TestClient9", 9000, "web")]).encode())
+    def test_client_listed_twice(self):
+        """A 400 for a client listed twice exits 1 with its message."""
+        entry = tunnel("TestClient9", 9000, "web")
+        del entry["ClientId"]
+        entry["ClientIds"] = ["TestClient9", "TestClient9"]
+        path = self.write(json.dumps([entry]).encode())
         result = yield self.ctl("tunnels", "put", path)
         self.assertEqual(result.status, EXIT_API_ERROR)
         self.assertEqual(result.out, "")
         self.assertEqual(
             result.err,
-            'threshold-ctl: 404 Not Found: entry 0: client "TestClient9" is not'
-            " connected (entry 0, field ClientId)\n",
+            'threshold-ctl: 400 Bad Request: entry 0: field "ClientIds[1]":'
+            ' "TestClient9" is listed twice (entries 0 and 1) (entry 0, field'
+            " ClientIds[1])\n",
         )
 
     @inlineCallbacks
@@ -229,7 +227,7 @@ class _DeploymentMixin:
     def test_ipv6_literal(self):
         """An IPv6 literal in --server ([::1]) reaches a server listening there."""
         if not ipv6_loopback():
-            raise SkipTest("no IPv6 loopback here")
+            raise missing("no IPv6 loopback here")
         deployment = Deployment(
             self.use_tls, self.mktemp(), management_listen_address="::1"
         )

@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import crypto
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
+from tests.components import missing
 from threshold.keygen import (
     KeygenError,
     KeyPair,
@@ -128,7 +129,7 @@ class CertificateTests(SynchronousTestCase):
     def test_openssl_verify(self):
         """The openssl command line accepts the chain for its purpose."""
         if shutil.which("openssl") is None:
-            raise SkipTest("openssl is not installed")
+            raise missing("openssl is not installed")
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         paths = {}

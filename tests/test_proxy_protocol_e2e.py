@@ -21,8 +21,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
+from tests.components import missing
 from tests.support import (
     Backend,
     Deployment,
@@ -118,7 +119,7 @@ class ProxyProtocolTests(TestCase):
     def open_tunnel(self, host: str, **fields: Any):
         """Open one proxied tunnel on ``host``; return its port."""
         if ":" in host and not ipv6_loopback():
-            raise SkipTest("no IPv6 loopback on this host")
+            raise missing("no IPv6 loopback on this host")
         port = free_port(host)
         entry = tunnel(CLIENT, port, "web", proxy=True, ListenAddress=host)
         entry.update(fields)
@@ -227,7 +228,7 @@ class ProxyProtocolTests(TestCase):
     def test_header_then_replayed_hello(self):
         """On an SNI tunnel the header comes first, then the hello unchanged."""
         if not ipv6_loopback():
-            raise SkipTest("no IPv6 loopback on this host")
+            raise missing("no IPv6 loopback on this host")
         port = free_port("::1")
         entries = [
             tunnel(

@@ -23,8 +23,9 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
+from tests.components import missing
 from tests.support import (
     Backend,
     Deployment,
@@ -289,7 +290,7 @@ class TlsClientTests(_Fixture):
         """openssl s_client's hello reaches the backend its -servername selects."""
         openssl = shutil.which("openssl")
         if openssl is None:
-            raise SkipTest("openssl is not on PATH")
+            raise missing("openssl is not installed")
         (port,) = yield self.put_groups(FULL_GROUP)
         for name, service in [("a.example.com", "svcA"), ("other.org", "svcC")]:
             before = self.connection_counts()
@@ -427,7 +428,7 @@ class RefusalTests(_Fixture):
             user, before = yield self.send(port, data)
             yield self.assert_closed(user, before)
             self.assertEqual(stats.refused[Refusal.NO_ROUTE], refused + 1)
-        self.assertEqual(stats.refused[Refusal.CLIENT_NOT_CONNECTED], 0)
+        self.assertEqual(stats.refused[Refusal.NO_HEALTHY_CLIENT], 0)
 
     @inlineCallbacks
     def test_client_gone_closed(self):
@@ -438,10 +439,10 @@ class RefusalTests(_Fixture):
         yield wait_until(lambda: not registry.is_connected(CLIENT), what="gone")
         stats = self.deployment.server.stats
         for data in [python_hello("a.example.com"), NOT_TLS]:
-            refused = stats.refused[Refusal.CLIENT_NOT_CONNECTED]
+            refused = stats.refused[Refusal.NO_HEALTHY_CLIENT]
             user, before = yield self.send(port, data)
             yield self.assert_closed(user, before)
-            self.assertEqual(stats.refused[Refusal.CLIENT_NOT_CONNECTED], refused + 1)
+            self.assertEqual(stats.refused[Refusal.NO_HEALTHY_CLIENT], refused + 1)
         self.assertEqual(stats.refused[Refusal.NO_ROUTE], 0)
 
 

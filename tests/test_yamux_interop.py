@@ -33,8 +33,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
+from tests.components import missing
 from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import (
     INITIAL_WINDOW,
@@ -172,7 +173,7 @@ class PeerHarness:
     def setUp(self) -> None:
         reason = skip_reason()
         if reason is not None:
-            raise SkipTest(reason)
+            raise missing(reason)
         self.accepted: list[tuple[Stream, Receiver]] = []
         self.accept = self.accept_receiver
 

@@ -11,8 +11,10 @@ the user, answers with one line naming the address it learned, and closes:
 Plain asyncio, nothing from threshold: any service that speaks PROXY v1
 (nginx, HAProxy, Postfix, ...) works the same way.
 
-Usage: backend.py --port-file FILE [--host 127.0.0.1]. It listens on a free
-port and writes the port number to FILE once it is listening.
+Usage: backend.py --port-file FILE [--host 127.0.0.1] [--name backend]. It
+listens on a free port and writes the port number to FILE once it is
+listening. ``--name`` starts its answers, so that two of them (one per home
+machine) can be told apart.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import sys
 MAX_V1_HEADER = 107
 MAX_LINE = 4096
 READ_TIMEOUT = 10.0
+#: The first word of every answer (--name).
+NAME = "backend"
 
 
 class HeaderError(ValueError):
@@ -76,9 +80,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             f"backend: TCP peer {_show(peer)}; PROXY header says the user is {seen}",
             flush=True,
         )
-        answer = (
-            f'backend: connection from {seen} (via PROXY header): you said "{text}"'
-        )
+        answer = f'{NAME}: connection from {seen} (via PROXY header): you said "{text}"'
     except HeaderError as e:
         print(f"backend: refused {_show(peer)}: {e}", flush=True)
         answer = f"backend: error: {e}"
@@ -121,7 +123,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port-file", required=True, metavar="FILE")
+    parser.add_argument("--name", default="backend", help="the first word of answers")
     args = parser.parse_args()
+    global NAME
+    NAME = args.name
     try:
         asyncio.run(serve(args.host, args.port_file))
     except OSError as e:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from threshold.mux.settings import INITIAL_WINDOW
 
 if TYPE_CHECKING:
-    from threshold.mux.interfaces import StreamSession
+    from twisted.internet.interfaces import IReactorTime
 
 _MIB = 1024 * 1024
 
@@ -148,42 +148,56 @@ def next_window(
 class ReceiveWindow:
     """One stream's receive window: its size, the credit left, bytes read.
 
-    ``size`` starts at 256 KiB and is grown (or shrunk back) within the
-    session's budget each time the reader has consumed half of it, which is
-    also when the consumed bytes are granted back to the peer.
+    ``size`` starts at 256 KiB and is grown (or shrunk back) within
+    ``budget``, up to ``max_window``, each time the reader has consumed
+    half of it, which is also when the consumed bytes are granted back.
     """
 
-    __slots__ = ("_session", "size", "left", "consumed", "_epoch_start", "_claimed")
+    __slots__ = (
+        "_budget",
+        "_clock",
+        "_max",
+        "size",
+        "left",
+        "consumed",
+        "_epoch_start",
+        "_claimed",
+    )
 
-    def __init__(self, session: StreamSession) -> None:
-        self._session = session
+    def __init__(
+        self, budget: WindowBudget, clock: IReactorTime, max_window: int
+    ) -> None:
+        self._budget = budget
+        self._clock = clock
+        self._max = max_window
         self.size = INITIAL_WINDOW
         self.left = INITIAL_WINDOW
         #: Bytes handed on since the last grant (the stream counts them).
         self.consumed = 0
-        self._epoch_start = session.clock.seconds()
+        self._epoch_start = clock.seconds()
         #: Counted among the budget's claimants (its reader kept up at the
         #: last grant), so that a full budget makes room for it.
         self._claimed = False
 
-    def grant(self) -> int:
+    def grant(self, rtt: float | None) -> int:
         """The reader has consumed half the window (``consumed``): resize the
-        window and return the Window Update delta due (0: none)."""
-        session = self._session
-        now = session.clock.seconds()
+        window and return the Window Update delta due (0: none).
+
+        ``rtt`` is the session's smallest recent round trip.
+        """
+        now = self._clock.seconds()
         size = self.size
-        rtt = session.min_rtt
         # Auto-tuning as QUIC stacks do: a reader that drained this share of
         # the window in well under two round trips is held back by the
         # window, not by itself.
         fast = rtt is not None and now - self._epoch_start < (
             4 * self.consumed / size * rtt
         )
-        budget = session.budget
+        budget = self._budget
         if fast != self._claimed:
             self._claimed = fast
             budget.claim(1 if fast else -1)
-        new = next_window(budget, size, session.config.max_window, fast)
+        new = next_window(budget, size, self._max, fast)
         if new != size:
             budget.change(size - INITIAL_WINDOW, new - INITIAL_WINDOW)
             self.size = new
@@ -197,10 +211,9 @@ class ReceiveWindow:
 
     def release(self) -> None:
         """The stream ended: give its extra window back to the budget."""
-        budget = self._session.budget
         if self.size > INITIAL_WINDOW:
-            budget.change(self.size - INITIAL_WINDOW, 0)
+            self._budget.change(self.size - INITIAL_WINDOW, 0)
             self.size = INITIAL_WINDOW
         if self._claimed:
             self._claimed = False
-            budget.claim(-1)
+            self._budget.claim(-1)

@@ -28,8 +28,31 @@ from threshold.wire.frames import (
 )
 
 if TYPE_CHECKING:
+    from twisted.logger import Logger
+
     from threshold.mux.settings import SessionConfig
     from threshold.mux.stream import Stream
+
+
+def log_frame(
+    log: Logger,
+    name: str,
+    what: str,
+    type_: int,
+    flags: int,
+    stream_id: int,
+    length: int,
+) -> None:
+    """One frame sent or received, at debug level (``debug_frames``)."""
+    log.debug(
+        "{name}: {what} {type} flags {flags} stream {stream_id} length {length}",
+        name=name,
+        what=what,
+        type=TYPE_NAMES.get(type_, type_),
+        flags=describe_flags(flags),
+        stream_id=stream_id,
+        length=length,
+    )
 
 
 class DispatchTarget(Protocol):
@@ -37,6 +60,8 @@ class DispatchTarget(Protocol):
 
     client: bool
     config: SessionConfig
+    name: str
+    log: Logger
     streams: dict[int, Stream]
     #: The next id we would open (ours below it have been used).
     next_stream_id: int
@@ -49,11 +74,6 @@ class DispatchTarget(Protocol):
 
     def go_away_received(self, code: int) -> None:
         """The peer sent Go Away."""
-
-    def log_frame(
-        self, what: str, type_: int, flags: int, stream_id: int, length: int
-    ) -> None:
-        """Log one frame (``debug_frames``)."""
 
 
 class FrameDispatcher:
@@ -73,7 +93,10 @@ class FrameDispatcher:
     def frame_header(self, type_: int, flags: int, stream_id: int, length: int) -> None:
         """Dispatch a frame header."""
         if self._debug:
-            self._session.log_frame("received", type_, flags, stream_id, length)
+            session = self._session
+            log_frame(
+                session.log, session.name, "received", type_, flags, stream_id, length
+            )
         if type_ == TYPE_DATA or type_ == TYPE_WINDOW_UPDATE:
             self._stream_frame(type_, flags, stream_id, length)
         elif type_ == TYPE_PING:

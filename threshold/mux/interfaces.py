@@ -1,25 +1,33 @@
-"""The seams of the session layer.
+"""The seams of the session layer, importing neither the session nor the stream.
 
-- What a role gives a session: a role (the gateway's control connection,
-  the tunnel client, a test) plugs into
-  :class:`~threshold.mux.session.MuxSession` one way only, a
-  :class:`SessionHandler`. The session never learns what the role is.
 - What a stream needs of its session: :class:`StreamSession`, so that
-  ``stream.py`` depends on this seam and not on ``session.py``.
+  ``stream.py`` depends on this seam and not on ``session.py``; and the
+  little a session calls on a stream that waits for room (:class:`Waiter`).
+- :class:`StreamAcceptor`, the smallest
+  :class:`~threshold.mux.session.SessionHandler` (the one way a role plugs
+  into a session, declared beside :class:`~threshold.mux.session.MuxSession`
+  which it names): it only serves the peer's streams.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime
 
     from threshold.mux.budget import WindowBudget
-    from threshold.mux.session import MuxSession
     from threshold.mux.settings import SessionConfig
-    from threshold.mux.stream import Stream
+
+
+class Waiter(Protocol):
+    """What a session calls on a stream (by id) once its transport has room."""
+
+    id: int
+
+    def session_writable(self) -> None:
+        """The transport has room again."""
 
 
 class StreamSession(Protocol):
@@ -46,10 +54,10 @@ class StreamSession(Protocol):
     def send_control(self, stream_id: int, flags: int) -> None:
         """Write a flags-only frame (FIN, RST) for a stream."""
 
-    def wait_for_writable(self, stream: Stream) -> None:
+    def wait_for_writable(self, stream: Waiter) -> None:
         """Call ``stream.session_writable()`` once the transport has room."""
 
-    def stream_closed(self, stream: Stream) -> None:
+    def stream_closed(self, stream: Waiter) -> None:
         """``stream`` has ended: forget it."""
 
     def peer_address(self) -> IAddress | None:
@@ -59,38 +67,23 @@ class StreamSession(Protocol):
         """The transport's local address."""
 
 
-class SessionHandler(Protocol):
-    """What a session tells the role that owns it.
-
-    A handler may also have ``go_away_received(session, code)``, called as
-    soon as the peer sends Go Away (before its last stream ends).
-    """
-
-    def session_started(self, session: MuxSession) -> None:
-        """The transport is up and the session registered as its producer."""
-
-    def stream_opened(self, session: MuxSession, stream: Stream) -> IProtocol | None:
-        """The peer opened ``stream``: the protocol to serve it, or None (RST)."""
-
-    def session_ended(self, session: MuxSession, reason: BaseException) -> None:
-        """The session is over (every stream already ended), with why."""
-
-
 class StreamAcceptor:
     """A handler that only serves the peer's streams, with ``accept(stream)``.
 
     For peers that need nothing at start or end: tests, benchmarks, tools.
+    (Its arguments are the session and the stream, typed loosely here so
+    that this module imports neither.)
     """
 
-    def __init__(self, accept: Callable[[Stream], IProtocol | None]) -> None:
+    def __init__(self, accept: Callable[[Any], IProtocol | None]) -> None:
         self._accept = accept
 
-    def session_started(self, session: MuxSession) -> None:
+    def session_started(self, session: object) -> None:
         """Nothing to do."""
 
-    def stream_opened(self, session: MuxSession, stream: Stream) -> IProtocol | None:
+    def stream_opened(self, session: object, stream: Any) -> IProtocol | None:
         """Whatever ``accept`` says."""
         return self._accept(stream)
 
-    def session_ended(self, session: MuxSession, reason: BaseException) -> None:
+    def session_ended(self, session: object, reason: BaseException) -> None:
         """Nothing to do."""

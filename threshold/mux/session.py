@@ -1,27 +1,27 @@
 """The yamux session: many streams over one connection.
 
-:class:`MuxSession` is a Twisted protocol for the one TCP (or TLS)
-connection between a tunnel client and the server. It knows nothing of
-tunnels, services or HTTP: it opens streams, accepts the peer's streams
-through its handler, enforces flow control and limits, keeps the
-connection alive with Ping (:mod:`threshold.mux.keepalive`), and ends with
-Go Away. Its life is one :class:`~threshold.mux.states.SessionState`.
+:class:`MuxSession` is a Twisted protocol for the one TCP (or TLS) connection
+between a tunnel client and the server. It knows nothing of tunnels, services
+or HTTP: it opens streams, serves the peer's through its
+:class:`SessionHandler`, enforces flow control and limits, keeps the
+connection alive (:mod:`threshold.mux.keepalive`) and ends with Go Away. Its
+life is one :class:`~threshold.mux.states.SessionState`.
 
-Backpressure: the session registers itself as the transport's producer.
-When the transport's buffer fills, the session stops sending stream data
-(streams keep it, within their windows, and pause their own producers);
-control frames still go out. A slow stream never pauses the session: it
-just stops granting window to its peer.
+Backpressure: the session is the transport's producer. When the transport's
+buffer fills, stream data waits (streams keep it, within their windows, and
+pause their producers); control frames still go out. A slow stream never
+pauses the session: it just stops granting window to its peer.
 
 Fairness: one session acts on at most
-:data:`~threshold.mux.intake.FRAMES_PER_SLICE` frames per turn of the
-reactor (:mod:`threshold.mux.intake`), so one peer's flood of small frames
-(SYN, Ping) cannot hold up every other connection of the process.
+:data:`~threshold.mux.intake.FRAMES_PER_SLICE` frames per turn of the reactor
+(:mod:`threshold.mux.intake`), so one peer's flood of small frames cannot
+hold up every other connection of the process.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from threshold.logs import observer as log_observer
 from threshold.mux.budget import WindowBudget
-from threshold.mux.dispatch import FrameDispatcher
+from threshold.mux.dispatch import FrameDispatcher, log_frame
 from threshold.mux.errors import (
     GoAwayReceived,
     KeepaliveTimeout,
@@ -63,12 +63,10 @@ from threshold.wire.frames import (
     MAX_UINT32,
     TYPE_DATA,
     TYPE_GO_AWAY,
-    TYPE_NAMES,
     TYPE_WINDOW_UPDATE,
     FrameDecoder,
     FrameError,
     decode_header,
-    describe_flags,
     encode_header,
 )
 
@@ -80,25 +78,36 @@ if TYPE_CHECKING:
         IReactorTime,
     )
 
-    from threshold.mux.interfaces import SessionHandler
-
 
 # Read per frame written: an attribute of an Enum class costs about 0.15 µs.
 _CLOSED = SessionState.CLOSED
+
+
+class SessionHandler(TypingProtocol):
+    """What a session tells its role: the one way a role plugs in
+    (``MuxSession(handler=...)``, never a subclass). Optional too:
+    ``go_away_received(session, code)``, as soon as the peer sends Go Away."""
+
+    def session_started(self, session: MuxSession) -> None:
+        """The transport is up and the session registered as its producer."""
+
+    def stream_opened(self, session: MuxSession, stream: Stream) -> IProtocol | None:
+        """The peer opened ``stream``: the protocol to serve it, or None (RST)."""
+
+    def session_ended(self, session: MuxSession, reason: BaseException) -> None:
+        """The session is over (every stream already ended), with why."""
 
 
 @implementer(IPushProducer)
 class MuxSession(Protocol):
     """One yamux session over ``self.transport``.
 
-    ``client`` is True on the side that dialed (odd stream ids).
-    ``handler`` (a :class:`~threshold.mux.interfaces.SessionHandler`) is
-    told when the session starts, serves each stream the peer opens (or
-    refuses it: RST), and is told when the session ends. ``budget`` is a
+    ``client``: the side that dialed (odd stream ids). ``handler``: the role,
+    a :class:`SessionHandler`. ``budget``: a
     :class:`~threshold.mux.budget.WindowBudget` shared with other sessions
     (a gateway's), inside which this session's own one
-    (``config.window_budget``) is drawn.
-    ``when_closed()`` also fires with the reason once the session has ended.
+    (``config.window_budget``) is drawn. ``when_closed()`` fires with the
+    reason once the session has ended.
     """
 
     log = Logger(observer=log_observer)
@@ -298,7 +307,9 @@ class MuxSession(Protocol):
     def send_data(self, stream_id: int, flags: int, data: bytes) -> None:
         """Write one Data frame."""
         if self.config.debug_frames:
-            self.log_frame("sent", TYPE_DATA, flags, stream_id, len(data))
+            log_frame(
+                self.log, self.name, "sent", TYPE_DATA, flags, stream_id, len(data)
+            )
         self.transport.writeSequence(
             [encode_header(TYPE_DATA, flags, stream_id, len(data)), data]
         )
@@ -473,24 +484,11 @@ class MuxSession(Protocol):
 
     # -- writing --------------------------------------------------------------
 
-    def log_frame(
-        self, what: str, type_: int, flags: int, stream_id: int, length: int
-    ) -> None:
-        self.log.debug(
-            "{name}: {what} {type} flags {flags} stream {stream_id} length {length}",
-            name=self.name,
-            what=what,
-            type=TYPE_NAMES.get(type_, type_),
-            flags=describe_flags(flags),
-            stream_id=stream_id,
-            length=length,
-        )
-
     def _write(self, data: bytes) -> None:
         if self.state is _CLOSED or self.transport is None:
             return
         if self.config.debug_frames:
-            self.log_frame("sent", *decode_header(data))
+            log_frame(self.log, self.name, "sent", *decode_header(data))
         if self.write_blocked:
             # Control frames are written even while the transport is full
             # (they carry window and resets), but a peer that keeps making

@@ -1,29 +1,19 @@
 """One yamux stream, offered to a Twisted protocol as its transport.
 
-A :class:`Stream` is what a protocol sees in ``self.transport``: it can
-``write``, half-close with ``loseWriteConnection`` (FIN), close with
-``loseConnection``, reset with ``abortConnection`` (RST), and register a
-producer for backpressure. It is also a push producer itself, so a relay
-can ``stream.registerProducer(other_transport, True)`` and
-``other_transport.registerProducer(stream, True)``.
-
-Its life is one :class:`~threshold.mux.states.StreamState`, moved only by
-:meth:`Stream._move` through the table in :mod:`threshold.mux.states`. It
-knows its session only through the
+A :class:`Stream` is what a protocol sees in ``self.transport``: ``write``,
+``loseWriteConnection`` (FIN), ``loseConnection``, ``abortConnection`` (RST),
+and a producer for backpressure; it is a push producer itself, so a relay
+can register each side as the other's producer. Its life is one
+:class:`~threshold.mux.states.StreamState`, moved only through the table in
+:mod:`threshold.mux.states`; it knows its session only through the
 :class:`~threshold.mux.interfaces.StreamSession` seam.
 
-Flow control, per direction:
-
-- sending: bytes go out only as far as the peer's window allows; the rest
-  waits in ``_send_buffer`` and the registered producer is paused until a
-  Window Update makes room, so the buffer holds at most what the producer
-  wrote before it was paused. A FIN waits behind that buffer;
-- receiving: window is granted back only for bytes the protocol has been
-  given. While the protocol has the stream paused, arriving bytes (and the
-  peer's FIN) wait in ``_recv_buffer``, which the peer cannot overfill
-  without breaking the protocol (it may send no more than the window).
-  The window grows for a reader that keeps up, within the session's
-  :class:`~threshold.mux.budget.WindowBudget`.
+Flow control: bytes go out only as far as the peer's window allows; the rest
+waits in ``_send_buffer`` (a FIN behind it) with the producer paused. Window
+is granted back only for bytes handed to the protocol; while it has the
+stream paused, bytes (and the peer's FIN) wait in ``_recv_buffer``, which the
+peer cannot overfill without breaking the protocol. The window grows for a
+reader that keeps up, within the session's budget (:mod:`threshold.mux.budget`).
 """
 
 from __future__ import annotations
@@ -100,7 +90,9 @@ class Stream:
         self._producer: IPushProducer | None = None
         self._producer_paused = False
         # receive side
-        self._window = ReceiveWindow(session)
+        self._window = ReceiveWindow(
+            session.budget, session.clock, session.config.max_window
+        )
         self._recv_buffer: deque[bytes | _EndOfStream] = deque()
         self._recv_buffered = 0
         self._reading_paused = False
@@ -463,7 +455,7 @@ class Stream:
 
     def _grant(self) -> None:
         """Resize the window (within the budget) and grant what was read."""
-        delta = self._window.grant()
+        delta = self._window.grant(self.session.min_rtt)
         if delta:
             self.session.send_window_update(self.id, self.take_frame_flags(), delta)
 

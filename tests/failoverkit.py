@@ -127,7 +127,7 @@ class Gateway:
             code, body = yield self.api.call("GET", "/ping", decode=False)
             return code == 200 and body == b"pong"
 
-        return wait_for(ping, timeout, "the gateway to answer /ping")
+        return wait_for(ping, timeout, "the gateway to answer /ping", interval=0.05)
 
     def wait_client(self, client_id: str, timeout: float = 20.0) -> Deferred[Any]:
         """Until ``GET /clients`` shows ``client_id`` connected."""
@@ -138,7 +138,7 @@ class Gateway:
             record = clients.get(client_id, {})
             return record.get("CurrentState") == "ClientConnected"
 
-        return wait_for(connected, timeout, f"{client_id} to connect")
+        return wait_for(connected, timeout, f"{client_id} to connect", interval=0.05)
 
 
 class HomeClient:

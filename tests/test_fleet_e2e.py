@@ -326,7 +326,7 @@ class FleetFaultTests(TestCase):
         yield wait_until(lambda: "c1" in fleet_of(b).clients({}), 10, "c1 seen from B")
         code, clients = yield b.get_json("/clients")
         self.assertEqual(clients["c1"]["Gateways"], ["a"])
-        self.assertEqual(clients["c1"]["CurrentState"], "connected")
+        self.assertEqual(clients["c1"]["CurrentState"], "ClientConnected")
         killed = time.monotonic()
         a.kill()
         yield wait_until(

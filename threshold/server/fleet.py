@@ -454,7 +454,7 @@ class Fleet(Service):
             if body is None:
                 if not gateways:
                     continue
-                body = {"ClientId": client_id, "CurrentState": "connected"}
+                body = {"ClientId": client_id, "CurrentState": "ClientConnected"}
                 local[client_id] = body
             body["Gateways"] = sorted(gateways)
         for body in local.values():

@@ -7,15 +7,20 @@ import json
 import os
 
 from twisted.internet import reactor
+from twisted.internet.defer import fail, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.support import connect_user, free_port
+from tests.support import connect_user, free_port, tunnel
+from threshold.cluster.kv import EtcdUnavailable
+from threshold.cluster.store import Conflict
 from threshold.config import ConfigError, ServerConfig, load_server_config
-from threshold.server.fleet import FleetError, parse_if_match, read_revision
+from threshold.server.fleet import Fleet, FleetError, parse_if_match, read_revision
 from threshold.server.reuseport import reuseport_listen
-from threshold.server.tunnels import TunnelError
+from threshold.server.service import TunnelServer
+from threshold.server.tunnels import TunnelError, parse_tunnels
 
 CLUSTER = {"EtcdEndpoints": ["http://127.0.0.1:2379"], "GatewayId": "eu-1"}
 
@@ -150,3 +155,90 @@ class ReusePortTests(TestCase):
         listening = self.successResultOf(d)
         self.addCleanup(listening.stopListening)
         self.assertEqual(listening.getHost().host, "::1")
+
+
+class _Store:
+    """write_tunnels answers what the test says; nothing is watched."""
+
+    def __init__(self, outcome):
+        self.outcome = outcome
+        self.writes = []
+
+    def write_tunnels(self, document, expected_revision):
+        self.writes.append((document, expected_revision))
+        if isinstance(self.outcome, Exception):
+            return fail(self.outcome)
+        return succeed(self.outcome)
+
+
+def _fleet(outcome, clock=None):
+    clock = clock or Clock()
+    server = TunnelServer(lambda host, port, factory: None, clock)
+    store = _Store(outcome)
+    fleet = Fleet(server, store, "a", clock, applied_revision=4, apply_timeout=15)
+    return fleet, store, clock
+
+
+class PutTests(SynchronousTestCase):
+    """Fleet.put's answers, with the store's outcomes made up."""
+
+    tunnels = [parse_tunnels([tunnel("c1", 20001, "web")])[0]]
+
+    def error(self, fleet, if_match=None) -> FleetError:
+        return self.failureResultOf(fleet.put(self.tunnels, if_match), FleetError).value
+
+    def test_based_on_applied_revision(self):
+        """Without If-Match the write is conditioned on the revision applied."""
+        fleet, store, _ = _fleet(Conflict(4, 9))
+        error = self.error(fleet)
+        self.assertEqual(store.writes[0][1], 4)
+        self.assertEqual((error.status, error.revisions), (409, {"CurrentRevision": 9}))
+
+    def test_if_match_mismatch_is_412(self):
+        """If-Match's revision is the condition; a stale one answers 412."""
+        fleet, store, _ = _fleet(Conflict(2, 9))
+        error = self.error(fleet, b'"2"')
+        self.assertEqual(store.writes[0][1], 2)
+        self.assertEqual(error.status, 412)
+        self.assertIn("revision 9", error.message)
+
+    def test_etcd_unavailable_is_503(self):
+        """etcd down: 503 naming the cause; 'may have been applied' if unknown."""
+        fleet, _, _ = _fleet(EtcdUnavailable(["http://e:2379"], "refused"))
+        error = self.error(fleet)
+        self.assertEqual(error.status, 503)
+        self.assertIn("refused", error.message)
+        self.assertIn("was not written", error.message)
+        fleet, _, _ = _fleet(EtcdUnavailable(["e"], "timed out", outcome_unknown=True))
+        self.assertIn("may have been applied", self.error(fleet).message)
+
+    def test_not_applied_in_time_is_504(self):
+        """Written, but this gateway's watch never applied it: 504 after the bound."""
+        fleet, _, clock = _fleet(7)
+        d = fleet.put(self.tunnels, None)
+        self.assertNoResult(d)
+        clock.advance(14.9)
+        self.assertNoResult(d)
+        clock.advance(0.2)
+        error = self.failureResultOf(d, FleetError).value
+        self.assertEqual((error.status, error.revisions["Revision"]), (504, 7))
+
+    def test_answered_once_applied(self):
+        """The PUT answers when the watch's apply of its revision is done."""
+        fleet, _, _ = _fleet(7)
+        d = fleet.put(self.tunnels, None)
+        self.assertNoResult(d)
+        fleet._applied([], 7)
+        self.assertEqual(self.successResultOf(d), ([], 7))
+        self.assertEqual(fleet.etag(), b'"7"')
+
+    def test_failure_seen_before_the_answer(self):
+        """A watch that failed the revision before the write answered: the error."""
+        fleet, _, _ = _fleet(7)
+        fleet._failed(7, TunnelError(409, "entry 0: address in use"))
+        error = self.error(fleet)
+        self.assertEqual(error.status, 409)
+        self.assertIn("not applied on this gateway", error.message)
+        self.assertEqual(
+            fleet.status()["Errors"][0]["error"], "entry 0: address in use"
+        )

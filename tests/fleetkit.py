@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import reactor
@@ -31,10 +32,13 @@ def gateway(
 ) -> Deployment:
     """A started in-process gateway of the fleet at ``prefix`` (no TLS)."""
     ttl = fields.pop("ttl", 10)
+    settings = replace(
+        cluster(etcd, prefix, gateway_id, ttl), **fields.pop("cluster_tls", {})
+    )
     deployment = Deployment(
         False,
         case.mktemp(),
-        cluster=cluster(etcd, prefix, gateway_id, ttl),
+        cluster=settings,
         shutdown_grace_seconds=0.5,
         **fields,
     )

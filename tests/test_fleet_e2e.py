@@ -336,3 +336,28 @@ class FleetFaultTests(TestCase):
         print(f"\nkilled gateway's client gone from B after {gone:.2f}s (TTL {ttl}s)")
         code, clients = yield b.get_json("/clients")
         self.assertNotIn("c1", clients)
+
+
+class FleetTlsTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_gateways_over_tls_to_etcd(self):
+        """With the three Etcd*File fields, gateways reach an etcd that
+        requires client certificates; a PUT on one reaches the other."""
+        etcd = shared_etcd(tls=True)
+        ca, cert, key = etcd.tls.client("operator")
+        where = prefix()
+        settings = {
+            "etcd_ca_certificate_file": ca,
+            "etcd_client_certificate_file": cert,
+            "etcd_client_key_file": key,
+        }
+        a = gateway(self, etcd, where, "a", cluster_tls=settings)
+        b = gateway(self, etcd, where, "b", cluster_tls=settings)
+        yield wait_ready(a, b)
+        port = free_port()
+        code, body, etag = yield put(a, [tunnel("c1", port, "web")])
+        self.assertEqual(code, 200, body)
+        yield wait_revision(b, int(etag.strip('"')))
+        self.assertIsNotNone(b.server.routes.listening_port(key_of(port)))

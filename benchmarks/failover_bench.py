@@ -104,7 +104,10 @@ class Bench:
 
     @inlineCallbacks
     def round(self, way: str):
-        """One failover of A; return (seconds, refused, failed, users)."""
+        """One failover of A; return (seconds, refused, failed, later, users).
+
+        ``later``: the users refused or failed that started after the signal.
+        """
         a = self.clients[HOME_A].process
         loop = UserLoop(self.port, concurrency=self.concurrency, size=2048)
         loop.start()
@@ -122,7 +125,8 @@ class Bench:
         records = [r for r in loop.records if id(r) in hit]
         refused = sum(1 for r in records if r.outcome is Outcome.REFUSED)
         failed = sum(1 for r in records if r.outcome is Outcome.FAILED)
-        users = len(loop.served_by("B", since)) + len(loop.bad(since))
+        later = len(loop.bad(since))
+        users = len(loop.served_by("B", since)) + later
         # Bring A back for the next round.
         if way == "stop":
             a.signal(signal.SIGCONT)
@@ -130,7 +134,7 @@ class Bench:
             yield a.wait(10)
             a.start()
         yield self.serving([HOME_A])
-        return takeover, refused, failed, users
+        return takeover, refused, failed, later, users
 
     def stop(self) -> None:
         for client in self.clients.values():
@@ -170,18 +174,27 @@ def main(reactor, argv):
         f"\n{args.rounds} rounds per way, {args.concurrency} users at a time,"
         " 2 KiB each way per user, TLS; median (worst)\n"
     )
-    header = ("way", "failover time", "users refused", "users failed", "users/round")
+    header = (
+        "way",
+        "failover time",
+        "users refused",
+        "users failed",
+        "of them started after the signal",
+        "users/round",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for way, results in rows:
         times = [r[0] * 1000 for r in results]
         refused = [r[1] for r in results]
         failed = [r[2] for r in results]
-        users = [r[3] for r in results]
+        later = [r[3] for r in results]
+        users = [r[4] for r in results]
         print(
             f"| {LABELS[way]} | {statistics.median(times):.0f} ms ({max(times):.0f})"
             f" | {statistics.median(refused):g} ({max(refused)})"
             f" | {statistics.median(failed):g} ({max(failed)})"
+            f" | {statistics.median(later):g} ({max(later)})"
             f" | {statistics.median(users):g} |"
         )
 

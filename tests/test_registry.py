@@ -6,7 +6,15 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.trial.unittest import SynchronousTestCase
 
 from threshold.mux.session import GoAwayReceived, KeepaliveTimeout, ProtocolViolation
-from threshold.server.registry import TRANSITIONS, ClientRegistry, ClientState
+from threshold.server.registry import (
+    GOING_AWAY,
+    NOT_CONNECTED,
+    TRANSITIONS,
+    ClientHealth,
+    ClientRegistry,
+    ClientState,
+)
+from threshold.wire.control import Health
 
 
 class FakeSession:
@@ -136,10 +144,11 @@ class StateTests(SynchronousTestCase):
     def test_session_figures(self):
         """Open streams and RTT come from the live session."""
         session = FakeSession()
-        session.streams = {1: object(), 2: object()}
+        session.streams = {1: object(), 2: object(), 4: object()}
         session.rtt = 0.0123456
         self.registry.connected("a", session, "p")
         view = self.registry.snapshot()["a"]
+        # Stream 1, the control channel, is not a user's stream.
         self.assertEqual(view["OpenStreams"], 2)
         self.assertEqual(view["RttMilliseconds"], 12.346)
         self.registry.disconnected("a", session, ConnectionDone())
@@ -152,3 +161,127 @@ class StateTests(SynchronousTestCase):
             self.registry.connected(cid, FakeSession(), "p")
         self.assertEqual(list(self.registry.snapshot()), ["a", "b", "c"])
         self.assertEqual(len(self.registry.records()), 3)
+
+
+class HealthTests(SynchronousTestCase):
+    """Reported health per client and service, and whether a client can serve."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = ClientRegistry(self.clock)
+        self.changes: list[str] = []
+        self.registry.subscribe(self.changes.append)
+        self.session = FakeSession()
+        self.registry.connected("a", self.session, "p")
+
+    def health(self, service: str = "web") -> ClientHealth:
+        return self.registry.health_for("a", service)
+
+    def test_unchecked_is_healthy(self):
+        """A connected client that reports nothing is healthy for every service."""
+        self.assertEqual(self.health(), ClientHealth("a", True, True))
+        self.assertEqual(self.registry.snapshot()["a"]["Health"], {})
+
+    def test_reported_unhealthy_with_detail(self):
+        """A service reported down is unhealthy, with the client's detail."""
+        detail = {"web": "connection refused at 127.0.0.1:80"}
+        self.assertTrue(
+            self.registry.health_reported(
+                "a", self.session, Health({"web": False, "db": True}, detail)
+            )
+        )
+        web = self.health("web")
+        self.assertEqual((web.connected, web.healthy), (True, False))
+        self.assertEqual(
+            web.reason, "service web unhealthy: connection refused at 127.0.0.1:80"
+        )
+        self.assertTrue(self.health("db").healthy)
+        self.assertTrue(self.health("other").healthy)
+        view = self.registry.snapshot()["a"]
+        self.assertEqual(
+            view["Health"],
+            {
+                "db": {"Healthy": True, "Detail": None},
+                "web": {"Healthy": False, "Detail": detail["web"]},
+            },
+        )
+        self.assertEqual(view["HealthReported"], "2023-11-14T22:13:20Z")
+
+    def test_full_state_replaces(self):
+        """Each report is the full state: a service left out is unchecked again."""
+        self.registry.health_reported("a", self.session, Health({"web": False}))
+        self.registry.health_reported("a", self.session, Health({"db": True}))
+        self.assertTrue(self.health("web").healthy)
+        self.assertEqual(self.health("web").reason, None)
+
+    def test_without_detail(self):
+        """No detail: the reason names the service only."""
+        self.registry.health_reported("a", self.session, Health({"web": False}))
+        self.assertEqual(self.health().reason, "service web unhealthy")
+
+    def test_listeners_told_of_changes_only(self):
+        """Subscribers hear connected, each real change, and the end."""
+        self.assertEqual(self.changes, ["a"])
+        health = Health({"web": False})
+        self.assertTrue(self.registry.health_reported("a", self.session, health))
+        self.assertFalse(self.registry.health_reported("a", self.session, health))
+        self.assertEqual(self.changes, ["a", "a"])
+        self.registry.disconnected("a", self.session, ConnectionDone())
+        self.assertEqual(self.changes, ["a", "a", "a"])
+
+    def test_old_session_does_not_speak(self):
+        """A replaced session's report changes nothing."""
+        new = FakeSession()
+        self.registry.connected("a", new, "p2")
+        self.assertFalse(
+            self.registry.health_reported("a", self.session, Health({"web": False}))
+        )
+        self.assertTrue(self.health().healthy)
+
+    def test_health_forgotten_with_the_session(self):
+        """The end of the session forgets its health; a new one starts healthy."""
+        self.registry.health_reported("a", self.session, Health({"web": False}))
+        self.registry.disconnected("a", self.session, ConnectionLost("reset"))
+        gone = self.health()
+        self.assertEqual((gone.connected, gone.healthy), (False, False))
+        self.assertEqual(gone.reason, NOT_CONNECTED)
+        self.assertIn("session lost", gone.why)
+        self.assertEqual(self.registry.snapshot()["a"]["Health"], {})
+        self.registry.connected("a", FakeSession(), "p")
+        self.assertTrue(self.health().healthy)
+
+    def test_replacement_forgets_health(self):
+        """A newer session starts with nothing reported."""
+        self.registry.health_reported("a", self.session, Health({"web": False}))
+        self.registry.connected("a", FakeSession(), "p2")
+        self.assertTrue(self.health().healthy)
+
+    def test_going_away_until_drained(self):
+        """After the client's Go Away it is "going away" until the session ends."""
+        self.registry.closing("a", self.session)
+        state = self.health()
+        self.assertEqual((state.connected, state.healthy), (False, False))
+        self.assertEqual(state.reason, GOING_AWAY)
+        self.assertTrue(self.registry.snapshot()["a"]["GoingAway"])
+        self.registry.disconnected("a", self.session, ConnectionDone())
+        self.assertEqual(self.health().reason, NOT_CONNECTED)
+        self.assertEqual(self.health().why, "session closed")
+        self.assertFalse(self.registry.snapshot()["a"]["GoingAway"])
+        self.assertEqual(self.changes[-2:], ["a", "a"])
+
+    def test_never_seen(self):
+        """A client never accepted is not connected."""
+        state = self.registry.health_for("nobody", "web")
+        self.assertEqual(
+            state, ClientHealth("nobody", False, False, NOT_CONNECTED, NOT_CONNECTED)
+        )
+
+    def test_replacement_retires_the_old_session(self):
+        """The older session is ended with the retire function it came with."""
+        retired: list[str] = []
+        registry = ClientRegistry(self.clock)
+        first = FakeSession()
+        registry.connected("b", first, "p", retire=lambda: retired.append("first"))
+        registry.connected("b", FakeSession(), "p2")
+        self.assertEqual(retired, ["first"])
+        self.assertEqual(first.went_away, [])

@@ -14,6 +14,14 @@ source), and a newcomer may take back the oldest slot of the source that
 holds the most (:mod:`threshold.server.admission`), so silent connections
 cannot lock a real client out. Each has ``HandshakeTimeoutSeconds`` from
 the TCP accept (the TLS handshake included) to a valid hello.
+
+After the hello is accepted stream 1 stays open both ways: the control
+channel (:mod:`threshold.wire.control`). The client sends the full health
+of the services it checks, one JSON line at a time (at most ``MAX_LINE``
+bytes); the registry keeps the latest. A malformed line is ignored (logged
+at most once a minute per session), an over-long one resets stream 1 (the
+health last known stays). The gateway closes stream 1 when the session
+goes away, so the session can end once its streams are done.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from threshold.mux.session import MuxSession, ProtocolViolation, SessionConfig
 from threshold.relay import tune_transport
 from threshold.server.addresses import DEFAULT_IPV6_PREFIX, source_of
 from threshold.server.admission import Refusal, RefusedConnection, SourceShares
+from threshold.server.control_lines import ControlLines
 from threshold.server.stats import HandshakeFailure, Limit
 from threshold.tls import peer_common_name
 from threshold.wire.frames import GO_AWAY_NORMAL
@@ -113,6 +122,9 @@ class ControlSettings:
     #: Receive window every client session's streams may grow by together
     #: (each session also within its own ``session.window_budget``).
     gateway_window_budget: int = GATEWAY_WINDOW_BUDGET
+    #: Sent in the hello reply when set (``"gateway"``), so a client of
+    #: several gateways can tell them apart.
+    gateway_id: str | None = None
 
 
 class ControlCounters(Protocol):
@@ -125,8 +137,15 @@ class ControlCounters(Protocol):
         """One hit of ``limit``."""
 
 
-class HelloReader(LineOnlyReceiver):
-    """Stream 1 on the server: one hello line, at most ``MAX_LINE`` bytes."""
+_READ = frozenset({ControlState.READING_HELLO, ControlState.ACCEPTED})
+
+
+class ControlChannel(LineOnlyReceiver):
+    """Stream 1 on the server: the hello line, then control lines.
+
+    Every line is at most ``MAX_LINE`` bytes; the control connection judges
+    each one.
+    """
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
@@ -135,17 +154,23 @@ class HelloReader(LineOnlyReceiver):
         self.control = control
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        """Read only while the hello is awaited; the rest is not ours."""
-        if self.control.state is ControlState.READING_HELLO:
+        """Read while the hello is awaited and once it is accepted."""
+        if self.control.state in _READ:
             super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
-        """The hello line: the control connection judges it."""
-        self.control.hello_received(line)
+        """A hello, or a control line once the hello is accepted."""
+        if self.control.state is ControlState.READING_HELLO:
+            self.control.hello_received(line)
+        elif self.control.state is ControlState.ACCEPTED:
+            self.control.control_line(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
-        """No newline within the bound: refuse."""
+        """No newline within the bound: refuse the hello, or reset stream 1."""
         self._buffer = b""
+        if self.control.state is ControlState.ACCEPTED:
+            self.control.control_line_too_long()
+            return
         self.control.hello_failed(
             f"hello longer than {self.MAX_LENGTH} bytes without a newline",
             HandshakeFailure.BAD_HELLO,
@@ -169,6 +194,7 @@ class ControlConnection:
         self.client_id: str | None = None
         self._hello_stream: Stream | None = None
         self._timeout: IDelayedCall | None = None
+        self._channel: ControlLines | None = None
         self.session = MuxSession(
             client=False,
             clock=self.clock,
@@ -199,12 +225,14 @@ class ControlConnection:
             self.settings.handshake_timeout, self._handshake_timed_out
         )
 
-    def stream_opened(self, session: MuxSession, stream: Stream) -> HelloReader | None:
+    def stream_opened(
+        self, session: MuxSession, stream: Stream
+    ) -> ControlChannel | None:
         """Only stream 1, only before the hello; the rest is reserved."""
         if self.state is ControlState.PENDING and stream.id == 1:
             self._hello_stream = stream
             self._move(ControlState.READING_HELLO)
-            return HelloReader(self)
+            return ControlChannel(self)
         log.debug(
             "{name}: stream {stream_id} refused (not a tunnel stream)",
             name=session.name,
@@ -213,9 +241,27 @@ class ControlConnection:
         return None
 
     def go_away_received(self, session: MuxSession, code: int) -> None:
-        """The client is leaving: the registry shows it closed at once."""
+        """The client is leaving: the registry shows it closed at once.
+
+        Stream 1 is closed too, so the session ends with its last stream.
+        """
         if self.state is ControlState.ACCEPTED and self.client_id is not None:
             self.factory.registry.closing(self.client_id, session)
+            self._close_control_stream()
+
+    def go_away(self, code: int = GO_AWAY_NORMAL) -> None:
+        """End the session from our side: close stream 1, then Go Away.
+
+        The session then closes once the users' streams are done (with a
+        non-normal code, at once).
+        """
+        self._close_control_stream()
+        self.session.go_away(code)
+
+    def _close_control_stream(self) -> None:
+        stream = self._hello_stream
+        if stream is not None and not stream.disconnecting:
+            stream.loseConnection()
 
     def session_ended(self, session: MuxSession, reason: BaseException) -> None:
         """Forget the connection; a connected client becomes closed."""
@@ -266,16 +312,40 @@ class ControlConnection:
         self._move(ControlState.ACCEPTED)
         self.client_id = hello.client_id
         self.session.name = f"client {hello.client_id} ({self.peer})"
-        registry.connected(hello.client_id, self.session, self.peer)
+        registry.connected(
+            hello.client_id, self.session, self.peer, retire=self.go_away
+        )
+        self._channel = ControlLines(
+            registry, hello.client_id, self.session, self.clock
+        )
         assert self._hello_stream is not None
-        self._hello_stream.write(encode_hello_reply(True))
-        self._hello_stream.loseConnection()
+        self._hello_stream.write(
+            encode_hello_reply(True, gateway=self.settings.gateway_id)
+        )
+        # Stream 1 stays open: the control channel.
+
+    def control_line(self, line: bytes) -> None:
+        """One line on the control channel after the hello."""
+        if self._channel is not None:
+            self._channel.line_received(line)
+
+    def control_line_too_long(self) -> None:
+        """No newline within MAX_LINE: stream 1 is reset, the health kept."""
+        if self._channel is not None:
+            self._channel.line_too_long()
+        if self._hello_stream is not None:
+            self._hello_stream.abortConnection()
 
     def hello_stream_closed(self) -> None:
         """Stream 1 ended; before a hello that fails the handshake."""
         if self.state is ControlState.READING_HELLO:
             self._refuse(
                 "stream 1 closed before the hello", HandshakeFailure.CLOSED, False
+            )
+        elif self.state is ControlState.ACCEPTED and not self.session.closed:
+            log.debug(
+                "{name}: control channel closed; health stays as last reported",
+                name=self.session.name,
             )
 
     def hello_failed(self, why: str, reason: HandshakeFailure) -> None:

@@ -4,6 +4,14 @@ One :class:`ClientRecord` per ClientId ever accepted. A client's state
 moves only through :meth:`ClientRegistry.connected`, :meth:`closing` and
 :meth:`disconnected`, along :data:`TRANSITIONS`. The front end finds a
 client's session here; the API and the metrics read the records.
+
+Each record also holds the health its client last reported on the control
+channel (:meth:`ClientRegistry.health_reported`), per service; it is
+forgotten when the session ends. :meth:`ClientRegistry.health_for` says
+whether a client can take a tunnel's connections now, and why not.
+Whoever derives state from the records (the serving table) subscribes
+with :meth:`ClientRegistry.subscribe` and is told the ClientId at every
+change.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import ConnectionDone
@@ -22,13 +30,18 @@ from threshold.wire.frames import GO_AWAY_NORMAL
 
 if TYPE_CHECKING:
     from threshold.mux.session import MuxSession
+    from threshold.wire.control import Health
 
 __all__ = [
+    "GOING_AWAY",
+    "NOT_CONNECTED",
     "STATE_CLOSED",
     "STATE_CONNECTED",
     "STATE_ERROR",
     "STATE_UNKNOWN",
     "TRANSITIONS",
+    "ClientHealth",
+    "user_streams",
     "ClientRecord",
     "ClientRegistry",
     "ClientState",
@@ -62,6 +75,45 @@ STATE_CONNECTED = ClientState.CONNECTED
 STATE_CLOSED = ClientState.CLOSED
 STATE_ERROR = ClientState.ERROR
 
+#: The client's control channel: the stream its hello came on.
+CONTROL_STREAM = 1
+
+#: Why a client takes no connection (the ``Reason`` of GET /tunnels/status).
+NOT_CONNECTED = "not connected"
+GOING_AWAY = "going away"
+
+
+def unhealthy(service: str, detail: str | None) -> str:
+    """The reason for a service the client reported unhealthy."""
+    if detail:
+        return f"service {service} unhealthy: {detail}"
+    return f"service {service} unhealthy"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHealth:
+    """Whether one client can take one tunnel's new connections, and why not.
+
+    ``reason`` is the API's (:data:`NOT_CONNECTED`, :data:`GOING_AWAY`,
+    :func:`unhealthy`); ``why`` says more for the log (how the session
+    ended).
+    """
+
+    client_id: str
+    connected: bool
+    healthy: bool
+    reason: str | None = None
+    why: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The API view: ClientId, Connected, Healthy, Reason."""
+        return {
+            "ClientId": self.client_id,
+            "Connected": self.connected,
+            "Healthy": self.healthy,
+            "Reason": self.reason,
+        }
+
 
 @dataclass
 class ClientRecord:
@@ -76,6 +128,15 @@ class ClientRecord:
     last_change: float | None = None
     last_error: str | None = None
     connections: int = 0
+    #: The session that said Go Away, while its streams drain.
+    draining: MuxSession | None = None
+    #: Health the current session last reported: service -> healthy.
+    health: dict[str, bool] = field(default_factory=dict)
+    #: The reported detail of each unhealthy service.
+    health_detail: dict[str, str] = field(default_factory=dict)
+    health_reported: float | None = None
+    #: Closes the current session with Go Away when a newer one replaces it.
+    retire: Callable[[], None] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The API view of this client."""
@@ -88,13 +149,28 @@ class ClientRecord:
             "LastChange": _iso(self.last_change),
             "LastError": self.last_error,
             "Connections": self.connections,
-            "OpenStreams": len(session.streams) if session is not None else 0,
+            "OpenStreams": user_streams(session),
             "RttMilliseconds": (
                 round(session.rtt * 1000, 3)
                 if session is not None and session.rtt is not None
                 else None
             ),
+            "GoingAway": self.draining is not None,
+            "Health": {
+                service: {"Healthy": ok, "Detail": self.health_detail.get(service)}
+                for service, ok in sorted(self.health.items())
+            },
+            "HealthReported": _iso(self.health_reported),
         }
+
+
+def user_streams(session: MuxSession | None) -> int:
+    """Streams open for users on a client's session (the control stream,
+    stream 1, is not one)."""
+    if session is None:
+        return 0
+    streams = session.streams
+    return len(streams) - (1 if CONTROL_STREAM in streams else 0)
 
 
 def _iso(t: float | None) -> str | None:
@@ -109,6 +185,70 @@ class ClientRegistry:
     def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
         self._records: dict[str, ClientRecord] = {}
         self._now = wall_clock
+        self._listeners: list[Callable[[str], None]] = []
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(client_id)`` after every change of a client's
+        session or health (connected, closing, ended, health reported)."""
+        self._listeners.append(listener)
+
+    def _changed(self, client_id: str) -> None:
+        for listener in self._listeners:
+            listener(client_id)
+
+    def record(self, client_id: str) -> ClientRecord | None:
+        """The record of one client, if it was ever accepted."""
+        return self._records.get(client_id)
+
+    def health_for(self, client_id: str, service: str) -> ClientHealth:
+        """Whether the client can take new connections for ``service`` now.
+
+        Healthy: its session is up (hello accepted, no Go Away) and it has
+        not reported ``service`` unhealthy (a service it does not check is
+        healthy while the session is up).
+        """
+        record = self._records.get(client_id)
+        if record is None or record.session is None:
+            if record is not None and record.draining is not None:
+                return ClientHealth(client_id, False, False, GOING_AWAY, GOING_AWAY)
+            why = NOT_CONNECTED
+            if record is not None and record.current_state is ClientState.CLOSED:
+                why = "session closed"
+            elif record is not None and record.current_state is ClientState.ERROR:
+                why = f"session lost: {record.last_error}"
+            return ClientHealth(client_id, False, False, NOT_CONNECTED, why)
+        if record.health.get(service, True):
+            return ClientHealth(client_id, True, True)
+        reason = unhealthy(service, record.health_detail.get(service))
+        return ClientHealth(client_id, True, False, reason, reason)
+
+    def health_reported(
+        self, client_id: str, session: MuxSession, health: Health
+    ) -> bool:
+        """A client's session reported the full health of what it checks.
+
+        Only the current session speaks for the client; True when this
+        changed what is known.
+        """
+        record = self._records.get(client_id)
+        if record is None or record.session is not session:
+            return False
+        record.health_reported = self._now()
+        states, detail = dict(health.states), dict(health.detail)
+        if states == record.health and detail == record.health_detail:
+            return False
+        for service, ok in sorted(states.items()):
+            if record.health.get(service, True) != ok:
+                log.info(
+                    "client {client_id}: service {service} {state}{detail}",
+                    client_id=client_id,
+                    service=service,
+                    state="healthy" if ok else "unhealthy",
+                    detail=f" ({detail[service]})" if service in detail else "",
+                )
+        record.health, record.health_detail = states, detail
+        self._changed(client_id)
+        return True
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Every client seen, for ``GET /clients``."""
@@ -132,15 +272,29 @@ class ClientRegistry:
         """How many clients are connected now."""
         return sum(1 for r in self._records.values() if r.session is not None)
 
-    def connected(self, client_id: str, session: MuxSession, peer: str) -> None:
-        """A hello was accepted; an older session of the same id is replaced."""
+    def connected(
+        self,
+        client_id: str,
+        session: MuxSession,
+        peer: str,
+        retire: Callable[[], None] | None = None,
+    ) -> None:
+        """A hello was accepted; an older session of the same id is replaced.
+
+        ``retire()`` ends this session with Go Away if a newer one replaces
+        it (default: ``session.go_away()``). The new session starts with no
+        health reported: every service healthy until it says otherwise.
+        """
         record = self._records.setdefault(client_id, ClientRecord(client_id))
-        old = record.session
+        old, old_retire = record.session, record.retire
         record.session = session
+        record.retire = retire
         record.peer = peer
         record.connected_since = self._now()
         record.connections += 1
         record.last_error = None
+        record.draining = None
+        self._forget_health(record)
         self._move(record, ClientState.CONNECTED)
         if old is not None and old is not session:
             log.info(
@@ -148,14 +302,22 @@ class ClientRegistry:
                 client_id=client_id,
                 peer=peer,
             )
-            old.go_away(GO_AWAY_NORMAL)
+            if old_retire is not None:
+                old_retire()
+            else:
+                old.go_away(GO_AWAY_NORMAL)
+        self._changed(client_id)
 
     def closing(self, client_id: str, session: MuxSession) -> None:
         """The client said Go Away: it is closed now, whatever still drains.
 
         Its streams may finish, but it takes no new one, so it is no longer
-        connected for the front end or ``PUT /tunnels``.
+        connected for the front end; it is "going away" until the session
+        ends.
         """
+        record = self._records.get(client_id)
+        if record is not None and record.session is session:
+            record.draining = session
         self._end(client_id, session, ClientState.CLOSED, None)
 
     def disconnected(
@@ -181,14 +343,29 @@ class ClientRegistry:
         error: str | None,
     ) -> None:
         record = self._records.get(client_id)
+        draining = record is not None and record.draining is session
+        if draining and record.session is not session:
+            # The session that said Go Away has drained.
+            record.draining = None
+            self._changed(client_id)
+            return
         # A replaced or already-closed session no longer speaks for the client.
         if record is None or record.session is not session:
             return
         record.session = None
+        record.retire = None
         record.connected_since = None
         if error is not None:
             record.last_error = error
+        self._forget_health(record)
         self._move(record, state)
+        self._changed(client_id)
+
+    @staticmethod
+    def _forget_health(record: ClientRecord) -> None:
+        record.health = {}
+        record.health_detail = {}
+        record.health_reported = None
 
     def _move(self, record: ClientRecord, state: ClientState) -> None:
         if state not in TRANSITIONS[record.current_state]:

@@ -274,7 +274,8 @@ class TwoGatewaysTests(FailoverCase):
         def sessions() -> list[str]:
             return [s["State"] for s in client.status()["Sessions"]]
 
-        self.assertEqual(sessions(), ["connected", "connected"])
+        # The client sees the hello reply a moment after the gateway counts it.
+        yield wait_for(lambda: sessions() == ["connected", "connected"], 5, "sessions")
         gw1, gw2 = gateways
         self.port = ports[1]
         loop = self.loop(concurrency=4)

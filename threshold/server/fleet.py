@@ -318,6 +318,9 @@ class Fleet(Service):
             "LatestRevision": self.latest_revision,
             "Errors": list(self.errors),
             "Tunnels": len(self.server.routes.tunnels()),
+            # Entries of the local copy a restart could not bind (until the
+            # next set applies).
+            "NotRestored": len(self.server.routes.not_restored()),
         }
 
     def _settle(self, revision: int, error: TunnelError | None) -> None:

@@ -1,7 +1,7 @@
 """The client's session with one gateway: hello first, then serve its streams.
 
 :class:`ClientSession` is the tunnel client's
-:class:`~threshold.mux.interfaces.SessionHandler`: it owns one
+:class:`~threshold.mux.session.SessionHandler`: it owns one
 :class:`~threshold.mux.session.MuxSession` (the connection's protocol),
 says hello on stream 1 when the transport is up, and once the server
 accepts serves each stream the server opens with a

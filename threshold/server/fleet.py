@@ -17,10 +17,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import GaugeMetricFamily
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.task import LoopingCall
@@ -36,6 +35,7 @@ from threshold.cluster.store import (
     TunnelSet,
 )
 from threshold.logs import observer as log_observer
+from threshold.server.fleet_metrics import FleetCollector
 from threshold.server.tunnels import TunnelError, parse_tunnels
 
 if TYPE_CHECKING:
@@ -59,8 +59,9 @@ log = Logger(observer=log_observer)
 APPLY_TIMEOUT = 15.0
 #: How many failed revisions are remembered for late PUT answers.
 RECENT_FAILURES = 16
-#: Seconds between presence checks when the registry cannot tell changes.
-PRESENCE_POLL = 1.0
+#: Seconds between checks of etcd's state (and of presence, when the
+#: registry cannot tell changes).
+TICK = 1.0
 
 
 class FleetError(TunnelError):
@@ -167,6 +168,8 @@ class Fleet(Service):
         self._waiters: list[tuple[int, Deferred[int]]] = []
         self._subscribed = False
         self._poll: LoopingCall | None = None
+        self._polling = False
+        self._was_up: bool | None = None
         # RouteTable.apply of some versions refuses tunnels of absent clients.
         self._check_clients_option = "check_clients" in (
             inspect.signature(server.routes.apply).parameters
@@ -180,15 +183,14 @@ class Fleet(Service):
         self.records.start()
         self._report()
         subscribe = getattr(self.server.registry, "subscribe", None)
-        if subscribe is None:
-            # A registry without change listeners: look every second.
-            self._poll = LoopingCall(self._sync_presence)
-            self._poll.clock = self._reactor
-            self._poll.start(PRESENCE_POLL, now=True)
-        elif not self._subscribed:
+        self._polling = subscribe is None
+        if subscribe is not None and not self._subscribed:
             self._subscribed = True
             subscribe(self._client_changed)
         self._sync_presence()
+        self._poll = LoopingCall(self._tick)
+        self._poll.clock = self._reactor
+        self._poll.start(TICK, now=False)
         self._presence = self.store.watch_presence(lambda update: None)
         self._statuses = self.store.watch_statuses(lambda update: None)
         self._tunnels = self.store.watch_tunnels(
@@ -211,6 +213,25 @@ class Fleet(Service):
         records, self.records = self.records, None
         self._present.clear()
         return records.stop() if records is not None else None
+
+    def _tick(self) -> None:
+        if self._polling:
+            self._sync_presence()
+        up = self.etcd_up
+        if up == self._was_up or (self._was_up is None and up):
+            self._was_up = up
+            return
+        self._was_up = up
+        if up:
+            log.info("cluster: etcd reachable again; watching the tunnel set")
+        else:
+            why = self._tunnels.last_error if self._tunnels else None
+            log.warn(
+                "cluster: etcd unreachable ({why}); serving revision {revision},"
+                " PUT /tunnels answers 503 until it is back",
+                why=why or "no watch",
+                revision=self.applied_revision,
+            )
 
     @property
     def etcd_up(self) -> bool:
@@ -469,38 +490,3 @@ class Fleet(Service):
         found = self.store.statuses(self._statuses.kvs) if self._statuses else {}
         found[self.gateway_id] = self.status()
         return dict(sorted(found.items()))
-
-
-class FleetCollector:
-    """The fleet's metrics (registered beside the gateway's collector)."""
-
-    def __init__(self, fleet: Fleet) -> None:
-        self.fleet = fleet
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        fleet = self.fleet
-        yield GaugeMetricFamily(
-            "threshold_cluster_applied_revision",
-            "Revision of the tunnel set in force on this gateway.",
-            value=fleet.applied_revision,
-        )
-        yield GaugeMetricFamily(
-            "threshold_cluster_latest_revision",
-            "Newest tunnel set revision this gateway's watch has seen.",
-            value=fleet.latest_revision,
-        )
-        yield GaugeMetricFamily(
-            "threshold_cluster_apply_errors",
-            "Errors of the newest set not applied here (0: it is in force).",
-            value=len(fleet.errors),
-        )
-        yield GaugeMetricFamily(
-            "threshold_cluster_apply_failures",
-            "Tunnel sets from etcd this gateway could not apply, since start.",
-            value=fleet.apply_failures,
-        )
-        yield GaugeMetricFamily(
-            "threshold_cluster_etcd_up",
-            "1 while this gateway's watch of the tunnel set is connected to etcd.",
-            value=1 if fleet.etcd_up else 0,
-        )

@@ -13,14 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from threshold.config import ConfigError, parse_server_config
 from threshold.config.policy import ClientPolicy
 from threshold.schema.policy_kinds import CIDR_LIST, parse_ip
-from threshold.server.policy import (
-    GatewayPolicy,
-    HitLog,
-    PolicySettings,
-    SourceRateLimiter,
-    source_refusal,
-)
+from threshold.server.policy import GatewayPolicy, HitLog, PolicySettings
 from threshold.server.routes import TunnelError, parse_tunnels
+from threshold.server.sources import SourceRateLimiter, source_refusal
 from threshold.server.stats import GatewayStats, Limit, Refusal
 
 

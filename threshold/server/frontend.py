@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
     from threshold.mux.session import MuxSession
     from threshold.server.routes import RouteTable
+    from threshold.server.shaping import FlowMeter
 
 log = Logger(observer=log_observer)
 
@@ -100,6 +101,9 @@ class _ServiceSide(RelayEnd):
             else:
                 flow.bytes_out += len(data)
                 public.arm_quiet_timer()
+            meter = public.meter
+            if meter is not None:
+                meter.download(len(data))
         super().dataReceived(data)
 
 
@@ -113,6 +117,8 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
 
     tunnel: Tunnel | None = None
     flow: Flow | None = None
+    #: Bandwidth shaping and quota counting, when a limit applies (policy.py).
+    meter: FlowMeter | None = None
 
     def __init__(self, factory: FrontendFactory) -> None:
         super().__init__()
@@ -201,6 +207,11 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
 
     def _route(self, tunnel: Tunnel, first_bytes: bytes) -> None:
         factory = self.factory
+        # The access policy (source lists, quota, rate): a refusal is counted
+        # and logged there, before any stream exists.
+        if factory.admission.check(self, tunnel, [tunnel.client_id]) is not None:
+            self.give_up(abort=True)
+            return
         session = factory.session_for(tunnel.client_id)
         if session is None:
             self._refuse(
@@ -276,6 +287,7 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
         # Header, PROXY header and the bytes read so far go out as one Data
         # frame, right behind the SYN: the client needs no round trip.
         self.splice(stream_end, first)
+        self.meter = self.factory.admission.meter(self, tunnel)
         self.arm_quiet_timer()
 
     # -- relaying -----------------------------------------------------------
@@ -290,6 +302,9 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
             else:
                 flow.bytes_in += len(data)
                 self.arm_quiet_timer()
+            meter = self.meter
+            if meter is not None:
+                meter.upload(len(data))
         super().dataReceived(data)
 
     def _quiet_limit(self) -> tuple[float, Refusal] | None:
@@ -356,6 +371,8 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
         """Release the slot and the counters; one summary line if relayed."""
         self.setTimeout(None)
         self._sni = None
+        if self.meter is not None:
+            self.meter.close()
         factory = self.factory
         stats = factory.stats
         if factory.admission.release(self):

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from threshold.server.policy_metrics import PolicyCollector
 from threshold.server.registry import (
     STATE_CLOSED,
     STATE_CONNECTED,
@@ -233,6 +234,9 @@ def server_registry(server: _Gateway) -> CollectorRegistry:
     """A registry holding the gateway's collector (and nothing global)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServerCollector(server.stats, server.registry))
+    policy = getattr(server, "policy", None)
+    if policy is not None:
+        registry.register(PolicyCollector(policy))
     return registry
 
 

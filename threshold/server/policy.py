@@ -27,8 +27,7 @@ a minute per tunnel and reason (:class:`HitLog`), not once per connection.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping, MutableSequence, Sequence
+from collections.abc import Mapping, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,12 +38,14 @@ from threshold.config.policy import NO_CLIENT_POLICY, ClientPolicy
 from threshold.logs import observer as log_observer
 from threshold.schema.policy_kinds import EMPTY_CIDRS, CidrList, parse_ip
 from threshold.server.addresses import DEFAULT_IPV6_PREFIX, UNKNOWN_SOURCE, source_key
-from threshold.server.quota import QuotaAccount, QuotaBook
+from threshold.server.quota import QuotaAccount, QuotaBook, QuotaKeeper, QuotaStore
 from threshold.server.shaping import Bucket, Direction, FlowMeter
+from threshold.server.sources import SourceRateLimiter, source_refusal
 from threshold.server.stats import Limit, Refusal
 from threshold.server.tunnels import format_address
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IReactorTime, ITransport
 
     from threshold.relay import RelayEnd
@@ -57,8 +58,6 @@ __all__ = [
     "HitLog",
     "PolicySettings",
     "RelayedConnection",
-    "SourceRateLimiter",
-    "source_refusal",
 ]
 
 log = Logger(observer=log_observer)
@@ -128,76 +127,6 @@ class PolicySettings:
         )
 
 
-def source_refusal(
-    address: tuple[int, int] | None,
-    denies: Iterable[CidrList],
-    allows: Iterable[CidrList],
-) -> Refusal | None:
-    """Why the source lists refuse ``address`` (a parsed IP), or None.
-
-    Deny wins; every non-empty allow list must hold the source. A peer
-    without an IP address is allowed only where no allow list is set.
-    """
-    if address is not None:
-        for cidrs in denies:
-            if cidrs and cidrs.matches(address):
-                return Refusal.DENIED_SOURCE
-    for cidrs in allows:
-        if cidrs and (address is None or not cidrs.matches(address)):
-            return Refusal.NOT_ALLOWED_SOURCE
-    return None
-
-
-class SourceRateLimiter:
-    """Token buckets of new connections, one per key, at most ``max_buckets``.
-
-    A bucket full again is the same as none, so it is dropped (the oldest
-    first, checked as new keys come); past the bound the least recently
-    used is dropped even if not full, which can only let its source
-    through sooner. Memory stays bounded under a flood of new addresses.
-    """
-
-    def __init__(self, max_buckets: int) -> None:
-        self.max_buckets = max_buckets
-        # key -> [tokens, stamp, time it is full again]
-        self._buckets: OrderedDict[object, list[float]] = OrderedDict()
-        #: Buckets dropped before they were full (the bound was reached).
-        self.evicted = 0
-
-    def allow(self, key: object, rate: float, burst: int, now: float) -> bool:
-        """Take one token from ``key``'s bucket; False when it has none."""
-        buckets = self._buckets
-        bucket = buckets.get(key)
-        if bucket is None:
-            self._expire(now)
-            tokens = burst - 1.0
-            buckets[key] = [tokens, now, now + (burst - tokens) / rate]
-            if len(buckets) > self.max_buckets:
-                buckets.popitem(last=False)
-                self.evicted += 1
-            return True
-        tokens = min(float(burst), bucket[0] + (now - bucket[1]) * rate)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        bucket[0], bucket[1] = tokens, now
-        bucket[2] = now + (burst - tokens) / rate
-        buckets.move_to_end(key)
-        return allowed
-
-    def _expire(self, now: float) -> None:
-        buckets = self._buckets
-        # Each bucket is dropped once, so this is O(1) per call on average.
-        while buckets:
-            key, bucket = next(iter(buckets.items()))
-            if bucket[2] > now:
-                return
-            del buckets[key]
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-
 class HitLog:
     """One log line per subject and reason per minute, with the count since."""
 
@@ -239,7 +168,11 @@ class GatewayPolicy:
     """The access policy of one gateway: checks, buckets, quota accounts."""
 
     def __init__(
-        self, settings: PolicySettings, clock: IReactorTime, stats: GatewayStats
+        self,
+        settings: PolicySettings,
+        clock: IReactorTime,
+        stats: GatewayStats,
+        store: QuotaStore | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -247,12 +180,22 @@ class GatewayPolicy:
         self.hits = HitLog(clock)
         self.limiter = SourceRateLimiter(settings.max_sources)
         self.quota = QuotaBook(clock, self.client_policy, self._exceeded)
+        #: Saves quota usage to ``store`` (the state file) now and then.
+        self.keeper = QuotaKeeper(self.quota, store, clock, settings.save_interval)
         #: (tunnel key) -> (upload, download) buckets of limited tunnels.
         self.tunnel_buckets: dict[TunnelKey, tuple[Bucket, Bucket]] = {}
         #: client id -> (upload, download) buckets of limited clients.
         self.client_buckets: dict[str, tuple[Bucket, Bucket]] = {}
         for client_id in settings.client_policies:
             self.quota.account(client_id)  # shown (and resettable) at once
+
+    def start(self) -> None:
+        """Restore the saved quota usage and start saving it."""
+        self.keeper.start()
+
+    def stop(self) -> Deferred[None]:
+        """Save the quota usage a last time (after the connections ended)."""
+        return self.keeper.stop()
 
     def client_policy(self, client_id: str) -> ClientPolicy:
         """The client's entry of ``ClientPolicies``, else ``DefaultClientPolicy``."""
@@ -471,10 +414,15 @@ class GatewayPolicy:
                 self._tunnel_buckets(tunnel)
 
     def reset_quota(self, client_id: str) -> QuotaAccount | None:
-        """Start a client's quota count over; None without a quota."""
-        return self.quota.reset(client_id)
+        """Start a client's quota count over (saved at once); None without one."""
+        account = self.quota.reset(client_id)
+        if account is not None:
+            self.keeper.save()
+        return account
 
-    def refused(self, tunnel: TunnelKey | None = None, client_id: str | None = None):  # noqa: ANN201
+    def refused(
+        self, tunnel: TunnelKey | None = None, client_id: str | None = None
+    ) -> dict[str, int]:
         """Policy refusals by reason, of one tunnel or one client."""
         counts = dict.fromkeys((r.value for r in POLICY_REFUSALS), 0)
         for (key, client, reason), n in self.stats.policy_refused.items():
@@ -483,6 +431,10 @@ class GatewayPolicy:
             ):
                 counts[reason.value] += n
         return counts
+
+    def knows(self, client_id: str) -> bool:
+        """Whether a quota account exists (or was saved) for the client."""
+        return self.quota.known(client_id)
 
     def client_view(self, client_id: str) -> dict[str, Any]:
         """The policy fields ``GET /clients`` adds to a client."""
@@ -500,9 +452,6 @@ class GatewayPolicy:
         """The policy state of one tunnel in force (``GET /tunnels/status``)."""
         buckets = self.tunnel_buckets.get(tunnel.key)
         return {
-            "ListenAddress": tunnel.listen_address,
-            "ListenPort": tunnel.listen_port,
-            "ListenHostnameGlob": tunnel.hostname_glob,
             "Refused": self.refused(tunnel=tunnel.key),
             "Bandwidth": {"Upload": buckets[0].view(), "Download": buckets[1].view()}
             if buckets is not None

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.internet.defer import succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from threshold.logs import observer as log_observer
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "QuotaAccount",
     "QuotaBook",
+    "QuotaKeeper",
     "QuotaState",
     "QuotaStore",
     "SavedUsage",
@@ -333,3 +336,59 @@ class QuotaBook:
     def version(self) -> int:
         """Changes when any usage changed (a save can be skipped otherwise)."""
         return sum(a.version for a in self._accounts.values()) + len(self._accounts)
+
+
+class QuotaKeeper:
+    """Keeps a book's usage in a store: restored at start, saved every
+    ``interval`` seconds (when it changed) and at stop.
+
+    The store writes off the reactor thread and in order with the tunnel
+    set (:class:`~threshold.server.statefile.StateFile`); a failed save is
+    logged and tried again at the next interval.
+    """
+
+    def __init__(
+        self,
+        book: QuotaBook,
+        store: QuotaStore | None,
+        clock: IReactorTime,
+        interval: float = 10.0,
+    ) -> None:
+        self.book = book
+        self.store = store
+        self.interval = interval
+        self._loop = LoopingCall(self.save)
+        self._loop.clock = clock
+        self._saved_version: int | None = None
+
+    def start(self) -> None:
+        """Put the saved usage back and start saving."""
+        if self.store is None:
+            return
+        self.book.restore(self.store.load_quota())
+        self._saved_version = self.book.version
+        self._loop.start(self.interval, now=False)
+
+    def save(self) -> Deferred[None]:
+        """Save the usage now if it changed since the last save."""
+        if self.store is None:
+            return succeed(None)
+        version = self.book.version
+        if version == self._saved_version:
+            return succeed(None)
+
+        def saved(_: object) -> None:
+            self._saved_version = version
+
+        def failed(failure: Any) -> None:
+            log.error("cannot save quota usage: {why}", why=str(failure.value))
+
+        d = self.store.save_quota(self.book.usage())
+        d.addCallbacks(saved, failed)
+        return d
+
+    def stop(self) -> Deferred[None]:
+        """Stop the timer and save what is left (the last counts)."""
+        if self._loop.running:
+            self._loop.stop()
+        return self.save()

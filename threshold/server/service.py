@@ -28,6 +28,7 @@ from threshold.server.frontend import (
     FrontendLimits,
     public_admission,
 )
+from threshold.server.policy import GatewayPolicy, PolicySettings
 from threshold.server.registry import ClientRegistry
 from threshold.server.routes import RouteTable, TunnelError
 from threshold.server.statefile import StateFile, StateFileError, ThreadRunner
@@ -69,6 +70,7 @@ class TunnelServer(Service):
         limits: FrontendLimits | None = None,
         shutdown_grace: float = 10.0,
         run_in_thread: ThreadRunner = deferToThread,
+        policy: PolicySettings | None = None,
     ) -> None:
         settings = settings or ControlSettings()
         self.clock = clock
@@ -84,6 +86,12 @@ class TunnelServer(Service):
         self.shutdown_grace = shutdown_grace
         self.limits = limits or FrontendLimits()
         self.admission = public_admission(self.limits)
+        #: Source lists, rates, bandwidth and quotas (docs/policy.md); quota
+        #: usage is kept in the state file.
+        self.policy = GatewayPolicy(
+            policy or PolicySettings(), clock, self.stats, self.state
+        )
+        self.admission.policy = self.policy
         self.routes = RouteTable(listen, self._make_factory, self.registry.is_connected)
         self._control = ControlFactory(self.registry, settings, clock, self.stats)
 
@@ -118,6 +126,7 @@ class TunnelServer(Service):
         # The operator changed the set: what the restore missed is moot.
         self.stats.tunnels_in_force = len(tunnels)
         self.stats.restore_failures = 0
+        self.policy.tunnels_applied(tunnels)
         return tunnels
 
     def _save(self, tunnels: list[Tunnel]) -> Deferred[None]:
@@ -141,6 +150,7 @@ class TunnelServer(Service):
         ``PUT /tunnels``.
         """
         Service.startService(self)
+        self.policy.start()
         tunnels, self._restore = self._restore, []
         if not tunnels:
             return
@@ -201,3 +211,5 @@ class TunnelServer(Service):
             )
             for session in left:
                 session.close()
+        # The last counts of the connections that just ended.
+        yield self.policy.stop()

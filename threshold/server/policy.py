@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from threshold.config.policy import NO_CLIENT_POLICY, ClientPolicy
 from threshold.logs import observer as log_observer
 from threshold.schema.policy_kinds import EMPTY_CIDRS, CidrList, parse_ip
-from threshold.server.addresses import DEFAULT_IPV6_PREFIX, UNKNOWN_SOURCE, source_key
+from threshold.server.addresses import DEFAULT_IPV6_PREFIX, UNKNOWN_SOURCE
 from threshold.server.quota import QuotaAccount, QuotaBook, QuotaKeeper, QuotaStore
 from threshold.server.shaping import Bucket, Direction, FlowMeter
 from threshold.server.sources import SourceRateLimiter, source_refusal
@@ -83,6 +83,22 @@ class RelayedConnection(Protocol):
     def give_up(self, abort: bool = False) -> None:
         """Close the connection (abort: reset it)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The checks one tunnel entry needs: non-empty lists, its rate."""
+
+    tunnel: Tunnel
+    denies: tuple[CidrList, ...]
+    allows: tuple[CidrList, ...]
+    rate: float
+    burst: int
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to check for this entry itself."""
+        return not (self.denies or self.allows or self.rate)
 
 
 #: Refusals this module makes (the API lists them per tunnel and client).
@@ -182,6 +198,19 @@ class GatewayPolicy:
         self.quota = QuotaBook(clock, self.client_policy, self._exceeded)
         #: Saves quota usage to ``store`` (the state file) now and then.
         self.keeper = QuotaKeeper(self.quota, store, clock, settings.save_interval)
+        #: What each entry in force needs checked, by id (see _plan).
+        self._plans: dict[int, _Plan] = {}
+        self._ipv6_shift = 128 - settings.ipv6_prefix
+        # Each client's policy when it checks something, else None.
+        default = settings.default_client
+        self._default_rules: ClientPolicy | None = None if default.empty else default
+        self._client_rules: dict[str, ClientPolicy | None] = {
+            cid: (None if p.empty else p) for cid, p in settings.client_policies.items()
+        }
+        #: Whether any client's policy checks anything at all.
+        self._client_checks = self._default_rules is not None or any(
+            self._client_rules.values()
+        )
         #: (tunnel key) -> (upload, download) buckets of limited tunnels.
         self.tunnel_buckets: dict[TunnelKey, tuple[Bucket, Bucket]] = {}
         #: client id -> (upload, download) buckets of limited clients.
@@ -213,41 +242,63 @@ class GatewayPolicy:
         (their source lists, their quota); refuses when none is left. The
         refusal is counted and logged here; the caller only closes.
         """
-        settings = self.settings
+        plan = self._plans.get(id(tunnel))
+        if plan is None or plan.tunnel is not tunnel:
+            plan = self._plan(tunnel)
+        if plan.idle and not self._client_checks:
+            return None  # nothing to check anywhere: the common case, kept cheap
         host = getattr(peer, "host", None)
         host = host if isinstance(host, str) else None
         address = parse_ip(host) if host is not None else None
         subject = tunnel.client_ids[0]
-        reason = source_refusal(
-            address,
-            (settings.default_deny, tunnel.deny_source_cidrs),
-            (settings.default_allow, tunnel.allow_source_cidrs),
-        )
-        if reason is None and candidates:
-            reason, subject = self._filter_clients(address, candidates)
+        reason = source_refusal(address, plan.denies, plan.allows)
+        if reason is None and candidates and self._client_checks:
+            reason, subject = self._filter_clients(address, candidates, subject)
         if reason is not None:
             return self._refuse(reason, tunnel, subject, host)
-        rate, burst = tunnel.new_connection_rate, tunnel.new_connection_burst
-        if rate is None:
-            rate, burst = settings.default_rate, settings.default_burst
-        if rate:
-            source = source_key(host, settings.ipv6_prefix) if host else UNKNOWN_SOURCE
-            burst = burst or max(1, math.ceil(rate))
+        if plan.rate:
+            if address is None:
+                source: object = UNKNOWN_SOURCE
+            elif address[0] == 4:
+                source = address
+            else:  # an IPv6 source is its /SourceIpv6PrefixLength network
+                source = (6, address[1] >> self._ipv6_shift)
             if not self.limiter.allow(
-                (tunnel.key, source), rate, burst, self.clock.seconds()
+                (tunnel.key, source), plan.rate, plan.burst, self.clock.seconds()
             ):
                 self.stats.limit_hit(Limit.NEW_CONNECTION_RATE)
                 return self._refuse(Refusal.RATE_LIMITED, tunnel, subject, host)
         return None
 
+    def _plan(self, tunnel: Tunnel) -> _Plan:
+        """What to check for ``tunnel``, worked out once per entry in force."""
+        settings = self.settings
+        rate, burst = tunnel.new_connection_rate, tunnel.new_connection_burst
+        if rate is None:
+            rate, burst = settings.default_rate, settings.default_burst
+        denies = tuple(
+            c for c in (settings.default_deny, tunnel.deny_source_cidrs) if c
+        )
+        allows = tuple(
+            c for c in (settings.default_allow, tunnel.allow_source_cidrs) if c
+        )
+        plan = _Plan(tunnel, denies, allows, rate, burst or max(1, math.ceil(rate)))
+        if len(self._plans) > 100_000:
+            self._plans.clear()  # entries not in force any more, at worst
+        self._plans[id(tunnel)] = plan
+        return plan
+
     def _filter_clients(
-        self, address: tuple[int, int] | None, candidates: MutableSequence[str]
+        self,
+        address: tuple[int, int] | None,
+        candidates: MutableSequence[str],
+        subject: str,
     ) -> tuple[Refusal | None, str]:
         first: tuple[Refusal, str] | None = None
         now = self.clock.seconds()
         for client_id in list(candidates):
-            policy = self.client_policy(client_id)
-            if policy.empty:
+            policy = self._client_rules.get(client_id, self._default_rules)
+            if policy is None:
                 continue
             reason = source_refusal(
                 address, (policy.deny_source_cidrs,), (policy.allow_source_cidrs,)
@@ -261,7 +312,7 @@ class GatewayPolicy:
                 if first is None:
                     first = (reason, client_id)
         if candidates or first is None:
-            return None, ""
+            return None, subject
         return first
 
     def _refuse(
@@ -405,6 +456,7 @@ class GatewayPolicy:
 
         Connections running on a dropped tunnel keep their buckets.
         """
+        self._plans.clear()
         limited = {t.key: t for t in tunnels if t.bandwidth}
         for key in list(self.tunnel_buckets):
             if key not in limited:

@@ -1,14 +1,15 @@
 """An in-memory gateway front end for logic tests: Clock, StringTransport, iosim.
 
-A :class:`Gateway` holds a route table, the gateway's counters and one
-client session joined in memory to a tunnel client's session (the client
-side serves each stream with ``accept``), so a test can connect users,
-move time and see exactly what reached the client and what was left open.
+A :class:`Gateway` holds a route table, the gateway's counters, a client
+registry with its serving table, and client sessions joined in memory to
+tunnel clients' sessions (each client side serves its streams with
+``accept``), so a test can connect users, move time, end sessions, report
+health and see exactly what reached each client and what was left open.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -24,13 +25,24 @@ from threshold.server.frontend import (
     PublicConnection,
     public_admission,
 )
+from threshold.server.registry import ClientRegistry
 from threshold.server.routes import RouteTable, parse_tunnels
+from threshold.server.serving import ServingTable
 from threshold.server.stats import GatewayStats
 from threshold.testing import Collector, connected_sessions
+from threshold.wire.control import Health
 
 
 def entry(port: int = 9000, glob: str = "*", service: str = "web", **more: Any):
-    """One PUT /tunnels entry for client "c" on 127.0.0.1."""
+    """One PUT /tunnels entry for client "c" on 127.0.0.1 (ClientIds: more)."""
+    if "ClientIds" in more:
+        return {
+            "ListenAddress": "127.0.0.1",
+            "ListenPort": port,
+            "ListenHostnameGlob": glob,
+            "BackEndService": service,
+            **more,
+        }
     return {
         "ClientId": "c",
         "ListenAddress": "127.0.0.1",
@@ -75,45 +87,116 @@ class UserTransport(StringTransport):
             self.protocol.connectionLost(reason)
 
 
+class ClientSide:
+    """One tunnel client joined in memory: its session, the gateway's, a pump."""
+
+    def __init__(
+        self, client_id: str, clock: Clock, accept: Callable[[Any], Any]
+    ) -> None:
+        self.client_id = client_id
+        self.accepted: list[Any] = []
+
+        def on_client(stream: Any) -> Any:
+            protocol = accept(stream)
+            if protocol is not None:
+                self.accepted.append(protocol)
+            return protocol
+
+        self.client, self.session, self.pump = connected_sessions(
+            accept_on_client=on_client, clock=clock
+        )
+
+
+class Refusing(Collector):
+    """A client whose local service refuses: it resets every stream."""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.abortConnection()
+
+
 class Gateway:
-    """Route table, counters and one connected client, all in memory."""
+    """Route table, counters, registry, serving table and connected clients.
+
+    ``clients`` are connected in memory at start (client ``"c"`` by
+    default, the one the ``client``, ``session``, ``pump`` and ``accepted``
+    attributes are about); ``accept`` serves their streams.
+    """
 
     def __init__(
         self,
         entries: list[dict[str, Any]],
         limits: FrontendLimits | None = None,
         accept: Callable[[Any], Any] = lambda stream: Service(),
+        clients: Sequence[str] = ("c",),
     ) -> None:
         self.clock = Clock()
         self.limits = limits or FrontendLimits()
-        self.accepted: list[Any] = []
-
-        def on_client(stream: Any) -> Any:
-            protocol = accept(stream)
-            self.accepted.append(protocol)
-            return protocol
-
-        self.client, self.session, self.pump = connected_sessions(
-            accept_on_client=on_client, clock=self.clock
-        )
-        self.connected = True
+        self.registry = ClientRegistry(wall_clock=self.clock.seconds)
+        self.stats = GatewayStats()
+        self.serving = ServingTable(self.registry, self.stats)
+        self.sides: dict[str, ClientSide] = {}
+        for client_id in clients:
+            self.add_client(client_id, accept)
         self.routes = RouteTable(
             lambda host, port, factory: succeed(object()),
             lambda key: None,
-            lambda client_id: True,
+            self.serving.update,
         )
         result = self.routes.apply(parse_tunnels(entries))
         assert result.called
-        self.stats = GatewayStats()
         self.admission = public_admission(self.limits)
         self.factories: dict[tuple[str, int], FrontendFactory] = {}
+
+    def add_client(
+        self, client_id: str, accept: Callable[[Any], Any] = lambda s: Service()
+    ) -> ClientSide:
+        """Connect a tunnel client (again: a new session replaces the old)."""
+        side = ClientSide(client_id, self.clock, accept)
+        self.sides[client_id] = side
+        self.registry.connected(client_id, side.session, f"{client_id}:1")
+        return side
+
+    def disconnect(self, client_id: str) -> None:
+        """The client's session ends (cleanly)."""
+        side = self.sides[client_id]
+        side.client.close()
+        self.flush()
+
+    def report(self, client_id: str, **states: bool) -> None:
+        """The client reports the health of its services."""
+        side = self.sides[client_id]
+        self.registry.health_reported(client_id, side.session, Health(states))
+
+    @property
+    def first(self) -> ClientSide:
+        return next(iter(self.sides.values()))
+
+    @property
+    def client(self) -> Any:
+        return self.first.client
+
+    @property
+    def session(self) -> Any:
+        return self.first.session
+
+    @property
+    def pump(self) -> Any:
+        return self.first.pump
+
+    @property
+    def accepted(self) -> list[Any]:
+        return self.first.accepted
+
+    def flush(self) -> None:
+        for side in self.sides.values():
+            side.pump.flush()
 
     def factory(self, key: tuple[str, int]) -> FrontendFactory:
         if key not in self.factories:
             self.factories[key] = FrontendFactory(
                 key,
                 self.routes,
-                lambda client_id: self.session if self.connected else None,
+                self.serving,
                 self.clock,
                 self.stats,
                 self.limits,
@@ -128,16 +211,16 @@ class Gateway:
         sent: bytes = b"",
         address: str = "127.0.0.1",
     ) -> PublicConnection:
-        """A user connects (and sends ``sent``); the pump runs."""
+        """A user connects (and sends ``sent``); the pumps run."""
         user = self.factory((address, port)).buildProtocol(None)
         transport = UserTransport(peer, port)
         transport.protocol = user
         user.makeConnection(transport)
         if sent and not transport.ended:
             user.dataReceived(sent)
-        self.pump.flush()
+        self.flush()
         return user
 
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
-        self.pump.flush()
+        self.flush()

@@ -14,7 +14,9 @@ from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import MuxSession, SessionConfig
 from threshold.relay import RelayState
 from threshold.server.frontend import FrontendFactory, FrontendLimits
+from threshold.server.registry import ClientRegistry
 from threshold.server.routes import RouteTable, parse_tunnels
+from threshold.server.serving import ServingTable
 from threshold.server.sni import SniReader
 from threshold.server.stats import GatewayStats, Limit, Refusal, Traffic
 from threshold.testing import Collector, Frame, decode_frames
@@ -26,10 +28,13 @@ class OpeningTests(SynchronousTestCase):
     """What a new user connection puts on the wire."""
 
     def setUp(self):
+        self.stats = GatewayStats()
+        self.registry = ClientRegistry()
+        self.serving = ServingTable(self.registry, self.stats)
         self.routes = RouteTable(
             lambda host, port, factory: succeed(object()),
             lambda key: None,
-            lambda client_id: True,
+            self.serving.update,
         )
         self.session = MuxSession(
             client=False,
@@ -38,6 +43,7 @@ class OpeningTests(SynchronousTestCase):
             config=SessionConfig(keepalive_interval=0),
         )
         self.session.makeConnection(StringTransport())
+        self.registry.connected("c", self.session, "c:1")
         self.addresses = (
             IPv4Address("TCP", "127.0.0.1", 9000),
             IPv4Address("TCP", "203.0.113.9", 51000),
@@ -48,9 +54,9 @@ class OpeningTests(SynchronousTestCase):
         factory = FrontendFactory(
             ("127.0.0.1", 9000),
             self.routes,
-            lambda client_id: self.session,
+            self.serving,
             Clock(),
-            GatewayStats(),
+            self.stats,
         )
         user = factory.buildProtocol(None)
         host, peer = self.addresses
@@ -263,10 +269,10 @@ class CapTests(SynchronousTestCase):
         """No route and no client are counted apart, each once."""
         gateway = Gateway([entry(glob="a.example")])
         gateway.connect(sent=python_hello("b.example"))
-        gateway.connected = False
+        gateway.disconnect("c")
         gateway.connect(sent=python_hello("a.example"))
         self.assertEqual(gateway.stats.refused[Refusal.NO_ROUTE], 1)
-        self.assertEqual(gateway.stats.refused[Refusal.CLIENT_NOT_CONNECTED], 1)
+        self.assertEqual(gateway.stats.refused[Refusal.NO_HEALTHY_CLIENT], 1)
         self.assertEqual(gateway.stats.open, 0)
         self.assertEqual(len(gateway.admission), 0)
 

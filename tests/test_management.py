@@ -28,14 +28,17 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from threshold.server.admission import RefusedConnection
 from threshold.server.api import ManagementAPI
+from threshold.server.registry import ClientRegistry
 from threshold.server.routes import RouteTable, TunnelError, parse_tunnels
+from threshold.server.serving import ServingTable
 from threshold.server.site import (
     CLOSE_GRACE,
     ManagementChannel,
     ManagementLimits,
     management_site,
 )
-from threshold.server.stats import Limit
+from threshold.server.stats import GatewayStats, Limit
+from threshold.wire.control import Health
 
 URL = "http://management.invalid"
 JSON = {b"content-type": [b"application/json"]}
@@ -87,12 +90,34 @@ def real_listen(host: str, port: int, factory) -> Deferred:
     return TCP4ServerEndpoint(reactor, port, interface=host).listen(factory)
 
 
+class FakeSession:
+    """What the registry touches of a session."""
+
+    def __init__(self) -> None:
+        self.streams: dict[int, object] = {}
+        self.rtt: float | None = None
+
+    def go_away(self, code: int = 0) -> None:
+        pass
+
+
 def make_api(listen=None, **kwargs: Any) -> tuple[ManagementAPI, RouteTable]:
+    """An API over a route table and a serving table whose registry has
+    TestClient1 and TestClient2 connected (its ``registry`` attribute)."""
     clients = FakeClients()
-    table = RouteTable(
-        listen or FakeListen(), lambda key: Factory(), clients.connected.__contains__
-    )
-    return ManagementAPI(table, clients, **kwargs), table
+    registry = ClientRegistry()
+    for client_id in sorted(clients.connected):
+        registry.connected(client_id, FakeSession(), "p")
+    serving = ServingTable(registry, GatewayStats())
+    table = RouteTable(listen or FakeListen(), lambda key: Factory(), serving.update)
+    api = ManagementAPI(table, clients, serving=serving, **kwargs)
+    api.registry = registry  # type: ignore[attr-defined]
+    return api, table
+
+
+def normalised(entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry as the API writes it back (every field, defaults included)."""
+    return parse_tunnels([entry])[0].to_json()
 
 
 class StubTests(SynchronousTestCase):
@@ -153,7 +178,7 @@ class StubTests(SynchronousTestCase):
         body = [TUNNEL, dict(TUNNEL, ListenPort=9001, ClientId="TestClient2")]
         code, _, content = self.put(body)
         self.assertEqual(code, 200, content)
-        expected = [dict(t, HaProxyProxyProtocolVersion=1) for t in body]
+        expected = [normalised(t) for t in body]
         self.assertEqual(json.loads(content), expected)
         self.assertEqual(self.listen.calls, [("127.0.0.1", 9000), ("127.0.0.1", 9001)])
         code, _, content = self.request("GET", "/tunnels")
@@ -218,14 +243,88 @@ class StubTests(SynchronousTestCase):
         )
         self.assertEqual(self.table.tunnels(), [])
 
-    def test_put_unknown_client(self):
-        """A client that is not connected is 404 naming it; the set is kept."""
-        self.assertEqual(self.put([TUNNEL])[0], 200)
-        body = self.assertJsonError(
-            self.put([dict(TUNNEL, ClientId="Nobody")]), 404, index=0, field="ClientId"
+    def test_put_client_not_connected(self):
+        """A client that is not connected is accepted (200, no longer 404): the
+        socket listens, and the status says the client is not connected."""
+        code, _, content = self.put([dict(TUNNEL, ClientId="Nobody")])
+        self.assertEqual(code, 200, content)
+        self.assertEqual(self.table.tunnels()[0].client_id, "Nobody")
+        self.assertEqual(self.listen.calls, [("127.0.0.1", 9000)])
+        _, _, content = self.request("GET", "/tunnels/status")
+        [status] = json.loads(content)["Tunnels"]
+        self.assertEqual(
+            status["Clients"],
+            [
+                {
+                    "ClientId": "Nobody",
+                    "Connected": False,
+                    "Healthy": False,
+                    "Reason": "not connected",
+                }
+            ],
         )
-        self.assertIn("Nobody", body["error"])
-        self.assertEqual(self.table.tunnels()[0].client_id, "TestClient1")
+        self.assertEqual(status["Serving"], [])
+
+    def test_tunnels_status_several_clients(self):
+        """Each client's state in ClientIds order, and who serves: failover
+        serves the first healthy one, round-robin every healthy one."""
+        registry = self.api.registry
+        session = registry.session_for("TestClient1")
+        registry.health_reported(
+            "TestClient1",
+            session,
+            Health({"fooService": False}, {"fooService": "connection refused"}),
+        )
+        clients = ["TestClient1", "TestClient2", "TestClient3"]
+        body = [
+            dict(TUNNEL, ClientId=None, ClientIds=clients),
+            dict(
+                TUNNEL,
+                ClientId=None,
+                ClientIds=clients,
+                ListenPort=9001,
+                Balance="round-robin",
+            ),
+        ]
+        body = [{k: v for k, v in t.items() if v is not None} for t in body]
+        self.assertEqual(self.put(body)[0], 200)
+        _, _, content = self.request("GET", "/tunnels/status")
+        failover, round_robin = json.loads(content)["Tunnels"]
+        self.assertEqual(
+            failover["Clients"],
+            [
+                {
+                    "ClientId": "TestClient1",
+                    "Connected": True,
+                    "Healthy": False,
+                    "Reason": "service fooService unhealthy: connection refused",
+                },
+                {
+                    "ClientId": "TestClient2",
+                    "Connected": True,
+                    "Healthy": True,
+                    "Reason": None,
+                },
+                {
+                    "ClientId": "TestClient3",
+                    "Connected": False,
+                    "Healthy": False,
+                    "Reason": "not connected",
+                },
+            ],
+        )
+        self.assertEqual(failover["Serving"], ["TestClient2"])
+        self.assertEqual(round_robin["Serving"], ["TestClient2"])
+        registry.health_reported("TestClient1", session, Health({}))
+        _, _, content = self.request("GET", "/tunnels/status")
+        failover, round_robin = json.loads(content)["Tunnels"]
+        self.assertEqual(failover["Serving"], ["TestClient1"])
+        self.assertEqual(round_robin["Serving"], ["TestClient1", "TestClient2"])
+        # GET /tunnels stays the plain list, re-PUT-able as it is.
+        _, _, content = self.request("GET", "/tunnels")
+        plain = json.loads(content)
+        self.assertNotIn("Serving", plain[0])
+        self.assertEqual(self.put(plain)[0], 200)
 
     def test_put_address_in_use(self):
         """A port that is already bound is 409 naming the address."""
@@ -262,7 +361,23 @@ class StubTests(SynchronousTestCase):
         self.assertEqual(code, 200)
         body = json.loads(content)
         self.assertEqual(list(body), ["Tunnels", "NotRestored"])
-        self.assertEqual(body["Tunnels"], [dict(TUNNEL, HaProxyProxyProtocolVersion=1)])
+        self.assertEqual(
+            body["Tunnels"],
+            [
+                dict(
+                    normalised(TUNNEL),
+                    Clients=[
+                        {
+                            "ClientId": "TestClient1",
+                            "Connected": True,
+                            "Healthy": True,
+                            "Reason": None,
+                        }
+                    ],
+                    Serving=["TestClient1"],
+                )
+            ],
+        )
         self.assertEqual(body["NotRestored"], [])
 
     def test_tunnels_status_after_partial_restore(self):
@@ -280,7 +395,10 @@ class StubTests(SynchronousTestCase):
         self.successResultOf(table.restore(saved))
         code, _, content = self.request("GET", "/tunnels/status")
         body = json.loads(content)
-        self.assertEqual(body["Tunnels"], [saved[0].to_json()])
+        self.assertEqual(
+            [{k: t[k] for k in saved[0].to_json()} for t in body["Tunnels"]],
+            [saved[0].to_json()],
+        )
         self.assertEqual(
             body["NotRestored"],
             [
@@ -337,7 +455,7 @@ class StubTests(SynchronousTestCase):
             def snapshot(self):
                 raise ZeroDivisionError("secret detail")
 
-        table = RouteTable(FakeListen(), lambda key: Factory(), lambda c: True)
+        table = RouteTable(FakeListen(), lambda key: Factory())
         self.treq = StubTreq(ManagementAPI(table, Broken()).app.resource())
         code, _, content = self.request("GET", "/clients")
         self.assertEqual(code, 500)

@@ -111,7 +111,7 @@ class MetricsTests(TestCase):
             m[
                 (
                     "threshold_public_connections_refused_total",
-                    (("reason", "client_not_connected"),),
+                    (("reason", "no_healthy_client"),),
                 )
             ],
             1.0,

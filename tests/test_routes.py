@@ -35,7 +35,7 @@ def tunnel(
     address: str = "127.0.0.1",
 ) -> Tunnel:
     return Tunnel(
-        client_id=client,
+        client_ids=(client,),
         listen_address=address,
         listen_port=port,
         hostname_glob=glob,
@@ -210,14 +210,14 @@ class RouteTableFakeTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.listen = FakeListen()
-        self.connected = {"TestClient1", "TestClient2"}
         self.factories: list[tuple[str, int]] = []
 
         def make_factory(key):
             self.factories.append(key)
             return Factory.forProtocol(Protocol)
 
-        self.table = RouteTable(self.listen, make_factory, self.connected.__contains__)
+        self.switched: list[list[Tunnel]] = []
+        self.table = RouteTable(self.listen, make_factory, self.switched.append)
 
     def test_apply_groups(self):
         """Apply opens one socket per group and exposes the entries per group."""
@@ -234,28 +234,34 @@ class RouteTableFakeTests(SynchronousTestCase):
             self.listen.ports[("127.0.0.1", 9001)],
         )
 
-    def test_unknown_client(self):
-        """A client that is not connected is 404 and nothing changes."""
+    def test_client_not_connected_accepted(self):
+        """A client that is not connected (or never seen) is no error: the
+        socket listens all the same."""
+        t = [tunnel(client="Nobody")]
+        self.assertEqual(self.successResultOf(self.table.apply(t)), t)
+        self.assertEqual(self.listen.calls, [("127.0.0.1", 9000)])
+
+    def test_switch_reported(self):
+        """Each switch (apply, restore, close) tells on_switch the set in force;
+        a failed apply tells nothing."""
         first = [tunnel()]
         self.successResultOf(self.table.apply(first))
-        failure = self.failureResultOf(
-            self.table.apply([tunnel(port=9001), tunnel(port=9002, client="Nobody")]),
-            TunnelError,
-        )
-        self.assertEqual(
-            (failure.value.status, failure.value.index, failure.value.field),
-            (404, 1, "ClientId"),
-        )
-        self.assertIn('"Nobody"', failure.value.message)
-        self.assertEqual(self.listen.calls, [("127.0.0.1", 9000)])
-        self.assertEqual(self.table.tunnels(), first)
+        self.listen.fail = {9001: OSError(errno.EADDRINUSE, "in use")}
+        self.failureResultOf(self.table.apply([tunnel(port=9001)]), TunnelError)
+        self.listen.fail = {}
+        self.successResultOf(self.table.restore([tunnel(port=9002)]))
+        self.successResultOf(self.table.close())
+        self.assertEqual(self.switched, [first, [tunnel(port=9002)], []])
 
-    def test_unknown_client_unchecked(self):
-        """With check_clients=False a disconnected client is accepted."""
-        t = [tunnel(client="Nobody")]
-        self.assertEqual(
-            self.successResultOf(self.table.apply(t, check_clients=False)), t
-        )
+    def test_switch_listener_failure_logged(self):
+        """A failing on_switch does not fail the apply; it is logged."""
+
+        def broken(tunnels):
+            raise ZeroDivisionError("broken on purpose")
+
+        table = RouteTable(self.listen, lambda key: Factory(), broken)
+        self.assertEqual(self.successResultOf(table.apply([tunnel()])), [tunnel()])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_duplicates_refused(self):
         """apply refuses duplicate routes too, before binding anything."""
@@ -314,7 +320,7 @@ class RouteTableFakeTests(SynchronousTestCase):
                 raise RuntimeError("surprise")
             return self.listen(host, port, factory)
 
-        table = RouteTable(listen, lambda key: Factory(), lambda c: True)
+        table = RouteTable(listen, lambda key: Factory())
         self.failureResultOf(table.apply([tunnel(), tunnel(port=9001)]), RuntimeError)
         self.assertTrue(self.listen.ports[("127.0.0.1", 9000)].stopped)
         self.assertEqual(table.tunnels(), [])
@@ -557,14 +563,12 @@ class RouteTableSocketTests(TestCase):
     """RouteTable with real loopback sockets."""
 
     def setUp(self) -> None:
-        self.connected = {"TestClient1", "TestClient2"}
-
         def make_factory(key):
             factory = Factory.forProtocol(WhoProtocol)
             factory.table, factory.key = self.table, key
             return factory
 
-        self.table = RouteTable(real_listen, make_factory, self.connected.__contains__)
+        self.table = RouteTable(real_listen, make_factory)
         self.addCleanup(self.table.close)
 
     async def test_apply_opens_sockets(self):
@@ -620,13 +624,11 @@ class RouteTableSocketTests(TestCase):
         )
         self.assertIn("not available on this host", cm.exception.message)
 
-    async def test_unknown_client_nothing_changes(self):
-        """An unknown client is 404 and no socket is opened."""
+    async def test_unknown_client_listens(self):
+        """A client never seen is no error: its tunnel's socket listens."""
         port = free_port()
-        with self.assertRaises(TunnelError) as cm:
-            await self.table.apply([tunnel(port=port, client="Nobody")])
-        self.assertEqual(cm.exception.status, 404)
-        self.assertTrue(await refused(port))
+        await self.table.apply([tunnel(port=port, client="Nobody")])
+        self.assertEqual(await fetch(port), b"Nobody")
 
     async def test_removed_group_stops_listening(self):
         """A group left out of the new set refuses connections after apply."""

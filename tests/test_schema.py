@@ -361,7 +361,8 @@ class OneRuleTests(SynchronousTestCase):
 
     def test_tables_use_the_shared_kinds(self):
         """ClientId and the service name are the shared kind in every table."""
-        self.assertIs(TUNNEL["client_id"].kind, CLIENT_ID)
+        client_id = next(f for f in TUNNEL.fields if f.json == "ClientId")
+        self.assertIs(client_id.kind, CLIENT_ID)
         self.assertIs(CLIENT["client_id"].kind, CLIENT_ID)
         self.assertIs(TUNNEL["backend_service"].kind, SERVICE_NAME)
         self.assertIs(TUNNEL["hostname_glob"].kind, HOST_GLOB)

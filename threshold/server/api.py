@@ -47,23 +47,19 @@ class ClientsView(Protocol):
         ...
 
 
-class PolicyView(Protocol):
-    """What the API reads and changes of the access policy (policy.py)."""
+class ServingView(Protocol):
+    """What ``GET /tunnels/status`` reads of the serving table."""
 
-    def client_view(self, client_id: str) -> dict[str, Any]:
-        """A client's quota, bandwidth and refusals."""
+    def view(self, tunnel: Tunnel) -> Jsonable:
+        """The state of the tunnel's clients, and the ones serving it."""
         ...
 
-    def tunnel_view(self, tunnel: Tunnel) -> dict[str, Any]:
-        """A tunnel's refusals and bandwidth."""
-        ...
 
-    def reset_quota(self, client_id: str) -> Any:
-        """Start a client's quota over; None when it has no quota."""
-        ...
+class Jsonable(Protocol):
+    """A view with a JSON form."""
 
-    def knows(self, client_id: str) -> bool:
-        """Whether the policy has (or had saved) a quota for the client."""
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object."""
         ...
 
 
@@ -121,7 +117,8 @@ class ManagementAPI:
     ``require_tls_identity``, any verified client certificate is needed.
     Others get 403. ``apply`` replaces ``routes.apply`` for ``PUT /tunnels``
     (the server's, which also saves the set); ``metrics`` renders
-    ``GET /metrics``.
+    ``GET /metrics``; ``serving`` tells ``GET /tunnels/status`` each
+    tunnel's clients and which serve it (without it, that part is left out).
     """
 
     app = Klein()
@@ -136,13 +133,13 @@ class ManagementAPI:
         apply: Callable[[list[Tunnel]], Deferred[list[Tunnel]]] | None = None,
         metrics: Callable[[], bytes] | None = None,
         limit_hit: Callable[[Limit], None] = lambda limit: None,
+        serving: ServingView | None = None,
         fleet: Any = None,
-        policy: PolicyView | None = None,
     ) -> None:
-        self._policy = policy
-        self._routes = routes
         #: In a fleet (threshold.server.fleet.Fleet): PUT goes through etcd.
         self._fleet = fleet
+        self._routes = routes
+        self._serving = serving
         #: Counts a limit hit (the server's counter, for metrics).
         self.limit_hit = limit_hit
         self._metrics = metrics
@@ -195,34 +192,9 @@ class ManagementAPI:
         """The state of every known client."""
         self._authorize(request)
         clients = self._clients.snapshot()
-        if self._policy is not None:
-            for client_id, body in clients.items():
-                body.update(self._policy.client_view(client_id))
         if self._fleet is not None:
             clients = self._fleet.clients(clients)
         return self._json(request, 200, clients)
-
-    @app.route("/clients/<client_id>/quota/reset", methods=["POST"])
-    def reset_quota(self, request: IRequest, client_id: str) -> bytes:
-        """Start the client's quota count for the current period over."""
-        self._authorize(request)
-        policy = self._policy
-        known = client_id in self._clients.snapshot() or (
-            policy is not None and policy.knows(client_id)
-        )
-        if not known:
-            raise ApiError(404, f"no such client: {json.dumps(client_id)}")
-        account = policy.reset_quota(client_id) if policy is not None else None
-        if account is None:
-            raise ApiError(
-                409, f"client {json.dumps(client_id)} has no quota (QuotaBytes)"
-            )
-        log.info(
-            "management API reset the quota of client {client_id} for {peer}",
-            client_id=client_id,
-            peer=peer_common_name(getattr(request, "transport", None)),
-        )
-        return self._json(request, 200, {"ClientId": client_id, **account.view()})
 
     @app.route("/tunnels", methods=["GET"])
     def get_tunnels(self, request: IRequest) -> bytes:
@@ -234,7 +206,8 @@ class ManagementAPI:
 
     @app.route("/tunnels/status", methods=["GET"])
     def tunnels_status(self, request: IRequest) -> bytes:
-        """The tunnels in force and the saved ones not restored at start.
+        """The tunnels in force with their clients' states and who serves them,
+        and the saved ones not restored at start.
 
         Apart from ``GET /tunnels`` so that its answer stays a plain list.
         """
@@ -251,8 +224,8 @@ class ManagementAPI:
 
     def _status(self, tunnel: Tunnel) -> dict[str, Any]:
         body = tunnel.to_json()
-        if self._policy is not None:
-            body["Policy"] = self._policy.tunnel_view(tunnel)
+        if self._serving is not None:
+            body.update(self._serving.view(tunnel).to_json())
         return body
 
     @app.route("/metrics", methods=["GET"])

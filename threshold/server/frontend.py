@@ -12,11 +12,16 @@ next connection, never a running one):
   bounded in size, records, reads and time), the SNI name picks the entry,
   and the bytes read are replayed unchanged.
 
-The stream to the client starts with the service header, then the PROXY
-header when the tunnel asks for it, then the user's bytes, all written
-without waiting for the client's ACK: no round trip is added. The opening
-bytes are built before the stream is opened, and any failure after it is
-opened resets the stream and closes the user, so nothing is left behind.
+The entry's client is chosen by its ``Balance`` among its healthy clients
+(:mod:`threshold.server.serving`); with none healthy the user is closed
+(``no_healthy_client``). The stream to the client starts with the service
+header, then the PROXY header when the tunnel asks for it, then the user's
+bytes, all written without waiting for the client's ACK: no round trip is
+added. The opening bytes are built before the stream is opened, and any
+failure after it is opened resets the stream and closes the user, so
+nothing is left behind. A stream the client resets before any byte came
+back is retried once on the next healthy client
+(:mod:`threshold.server.retry`).
 
 A :class:`PublicConnection`'s state is its :class:`~threshold.relay.RelayState`:
 NEW (admitting), PREFIX (reading the ClientHello), then OPEN and the
@@ -25,9 +30,9 @@ half-closed states (routed), CLOSED.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
@@ -38,9 +43,10 @@ from twisted.python.failure import Failure
 
 from threshold.logs import observer as log_observer
 from threshold.mux.session import SessionClosed, StreamLimitReached
-from threshold.relay import PrefixRelay, RelayEnd, RelayState, tune_transport
+from threshold.relay import RelayState, tune_transport
 from threshold.server.addresses import DEFAULT_IPV6_PREFIX
 from threshold.server.public_admission import PublicAdmission
+from threshold.server.retry import Replay, RetryingRelay, StreamSide
 from threshold.server.routes import (
     GroupKey,
     Tunnel,
@@ -48,6 +54,7 @@ from threshold.server.routes import (
     needs_sni,
     select_route,
 )
+from threshold.server.serving import describe
 from threshold.server.sni import SniReader
 from threshold.server.stats import Flow, GatewayStats, Limit, Refusal
 from threshold.wire import clienthello, proxyheader
@@ -58,9 +65,30 @@ if TYPE_CHECKING:
 
     from threshold.mux.session import MuxSession
     from threshold.server.routes import RouteTable
-    from threshold.server.shaping import FlowMeter
+    from threshold.server.serving import TunnelView
 
 log = Logger(observer=log_observer)
+
+
+class TunnelClients(Protocol):
+    """What the front end asks of the clients (the serving table)."""
+
+    def candidates(self, tunnel: Tunnel) -> list[str]:
+        """The healthy clients for one new connection, best first."""
+        ...
+
+    def session_for(self, client_id: str) -> MuxSession | None:
+        """The client's session, if connected."""
+        ...
+
+    def is_healthy(self, tunnel: Tunnel, client_id: str) -> bool:
+        """Whether the client may take the tunnel's connections now."""
+        ...
+
+    def view(self, tunnel: Tunnel) -> TunnelView:
+        """Each client's state for the tunnel (why none is healthy)."""
+        ...
+
 
 _RELAYING = frozenset({RelayState.OPEN, RelayState.WRITE_SHUT, RelayState.READ_SHUT})
 
@@ -83,31 +111,7 @@ class FrontendLimits:
     ipv6_prefix: int = DEFAULT_IPV6_PREFIX
 
 
-class _ServiceSide(RelayEnd):
-    """The stream end of a public connection: counts bytes to the user."""
-
-    def __init__(self, public: PublicConnection) -> None:
-        super().__init__()
-        self.public = public
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        """Count, then forward to the user."""
-        public = self.public
-        flow = public.flow
-        if flow is not None and self.state in _RELAYING:
-            if flow.bytes_in or flow.bytes_out:
-                public.resetTimeout()
-                flow.bytes_out += len(data)
-            else:
-                flow.bytes_out += len(data)
-                public.arm_quiet_timer()
-            meter = public.meter
-            if meter is not None:
-                meter.download(len(data))
-        super().dataReceived(data)
-
-
-class PublicConnection(PrefixRelay, TimeoutMixin):
+class PublicConnection(RetryingRelay, TimeoutMixin):
     """An internet user's connection on a tunnel port.
 
     One timer (TimeoutMixin) serves the phases in turn: the SNI read's
@@ -117,8 +121,6 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
 
     tunnel: Tunnel | None = None
     flow: Flow | None = None
-    #: Bandwidth shaping and quota counting, when a limit applies (policy.py).
-    meter: FlowMeter | None = None
 
     def __init__(self, factory: FrontendFactory) -> None:
         super().__init__()
@@ -207,17 +209,9 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
 
     def _route(self, tunnel: Tunnel, first_bytes: bytes) -> None:
         factory = self.factory
-        # The access policy (source lists, quota, rate): a refusal is counted
-        # and logged there, before any stream exists.
-        if factory.admission.check(self, tunnel, [tunnel.client_id]) is not None:
-            self.give_up(abort=True)
-            return
-        session = factory.session_for(tunnel.client_id)
-        if session is None:
-            self._refuse(
-                Refusal.CLIENT_NOT_CONNECTED,
-                f'client "{tunnel.client_id}" is not connected',
-            )
+        candidates = factory.clients.candidates(tunnel)
+        if not candidates:
+            self._refuse(Refusal.NO_HEALTHY_CLIENT, self._no_client(tunnel))
             return
         # Everything that can fail on the tunnel's own fields is done before
         # the stream exists: nothing to undo on either session.
@@ -226,23 +220,36 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
         except Exception as e:
             self._refuse(
                 Refusal.TUNNEL_ERROR,
-                f"tunnel to {tunnel.client_id}/{tunnel.backend_service!r} "
-                f"cannot be served: {e}",
+                f"tunnel to {', '.join(tunnel.client_ids)}/"
+                f"{tunnel.backend_service!r} cannot be served: {e}",
                 warn=True,
             )
             return
-        stream_end = _ServiceSide(self)
-        try:
-            stream = session.open_stream(stream_end)
-        except StreamLimitReached as e:
-            factory.stats.limit_hit(Limit.STREAMS_PER_SESSION)
-            self._refuse(Refusal.CLIENT_NOT_CONNECTED, str(e))
+        why = ""
+        for index, client_id in enumerate(candidates):  # noqa: B007
+            session = factory.clients.session_for(client_id)
+            if session is None:
+                continue
+            stream_end = StreamSide(self, client_id)
+            try:
+                stream = session.open_stream(stream_end)
+            except StreamLimitReached as e:
+                factory.stats.limit_hit(Limit.STREAMS_PER_SESSION)
+                why = str(e)
+                continue
+            except SessionClosed as e:
+                why = str(e)
+                continue
+            break
+        else:
+            self._refuse(
+                Refusal.NO_HEALTHY_CLIENT,
+                f"no client of {describe(tunnel)} could open a stream: {why}",
+            )
             return
-        except SessionClosed as e:
-            self._refuse(Refusal.CLIENT_NOT_CONNECTED, str(e))
-            return
         try:
-            self._relay(tunnel, stream_end, [*opening, first_bytes])
+            first = [*opening, first_bytes]
+            self._relay(tunnel, stream_end, first, candidates[index + 1 :])
         except Exception:
             # Release everything: the RST ends the stream on both sessions,
             # the abort ends the user's connection (and its slot, counters).
@@ -253,6 +260,7 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
                 stream_id=stream.id,
             )
             factory.stats.refuse(Refusal.TUNNEL_ERROR)
+            self.replay = None
             stream.abortConnection()
             self.give_up(abort=True)
             return
@@ -261,10 +269,17 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
             "{stream_id})",
             peer=self._peer(),
             group=self._group(),
-            client=tunnel.client_id,
+            client=client_id,
             service=tunnel.backend_service,
             stream_id=stream.id,
         )
+
+    def _no_client(self, tunnel: Tunnel) -> str:
+        states = "; ".join(
+            f"{c.client_id}: {c.reason}"
+            for c in self.factory.clients.view(tunnel).clients
+        )
+        return f"no healthy client for {describe(tunnel)} ({states})"
 
     def _opening(self, tunnel: Tunnel) -> list[bytes]:
         """The service header and, if asked for, the PROXY header."""
@@ -279,15 +294,22 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
             )
         return opening
 
-    def _relay(self, tunnel: Tunnel, stream_end: RelayEnd, first: list[bytes]) -> None:
+    def _relay(
+        self,
+        tunnel: Tunnel,
+        stream_end: StreamSide,
+        first: list[bytes],
+        others: Sequence[str],
+    ) -> None:
         self.tunnel = tunnel
-        key = (tunnel.listen_address, tunnel.listen_port, tunnel.hostname_glob)
-        self.flow = self.factory.stats.flow_opened(key, tunnel.client_id)
+        self.flow = self.factory.stats.flow_opened(tunnel.key, stream_end.client_id)
         self.flow.bytes_in = len(first[-1])
+        if others:
+            # A reset before any byte back is retried on the others.
+            self.replay = Replay(first, others)
         # Header, PROXY header and the bytes read so far go out as one Data
         # frame, right behind the SYN: the client needs no round trip.
         self.splice(stream_end, first)
-        self.meter = self.factory.admission.meter(self, tunnel)
         self.arm_quiet_timer()
 
     # -- relaying -----------------------------------------------------------
@@ -295,6 +317,9 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         """Count what is relayed to the service (reset the quiet timer)."""
         flow = self.flow
+        replay = self.replay
+        if replay is not None and self.state is RelayState.OPEN:
+            replay.sent(data)
         if flow is not None and self.state in _RELAYING:
             if flow.bytes_in or flow.bytes_out:
                 self.resetTimeout()
@@ -302,9 +327,6 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
             else:
                 flow.bytes_in += len(data)
                 self.arm_quiet_timer()
-            meter = self.meter
-            if meter is not None:
-                meter.upload(len(data))
         super().dataReceived(data)
 
     def _quiet_limit(self) -> tuple[float, Refusal] | None:
@@ -371,8 +393,7 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
         """Release the slot and the counters; one summary line if relayed."""
         self.setTimeout(None)
         self._sni = None
-        if self.meter is not None:
-            self.meter.close()
+        self.replay = None
         factory = self.factory
         stats = factory.stats
         if factory.admission.release(self):
@@ -387,7 +408,7 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
             peer=self._peer(),
             group=self._group(),
             glob=tunnel.hostname_glob,
-            client=tunnel.client_id,
+            client=flow.client_id,
             service=tunnel.backend_service,
             bytes_in=flow.bytes_in,
             bytes_out=flow.bytes_out,
@@ -408,6 +429,7 @@ class PublicConnection(PrefixRelay, TimeoutMixin):
 class FrontendFactory(Factory):
     """Builds the connections of one tunnel group.
 
+    ``clients`` chooses a tunnel's client (the serving table).
     ``admission`` is shared by every group of a gateway (sources count
     across sockets); without one the factory counts on its own.
     """
@@ -418,7 +440,7 @@ class FrontendFactory(Factory):
         self,
         key: GroupKey,
         routes: RouteTable,
-        session_for: Callable[[str], MuxSession | None],
+        clients: TunnelClients,
         clock: IReactorTime,
         stats: GatewayStats,
         limits: FrontendLimits = FrontendLimits(),
@@ -426,7 +448,7 @@ class FrontendFactory(Factory):
     ) -> None:
         self.key = key
         self.routes = routes
-        self.session_for = session_for
+        self.clients = clients
         self.clock = clock
         self.stats = stats
         self.limits = limits

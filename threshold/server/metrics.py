@@ -1,8 +1,10 @@
 """Prometheus metrics of the gateway, read from its state at scrape time.
 
-The collector reads two things only: the gateway's counters
-(:class:`~threshold.server.stats.GatewayStats`, updated at each event) and
-the client registry (who is connected, each session's streams and RTT). It
+The collector reads three things only: the gateway's counters
+(:class:`~threshold.server.stats.GatewayStats`, updated at each event),
+the client registry (who is connected, each session's streams and RTT,
+the health each client reported) and the serving table (each tunnel's
+healthy and serving clients, computed at each change). It
 turns them into metric families when ``GET /metrics`` is scraped, so the hot
 path pays nothing for metrics and the figures are exactly what the API and
 the logs show.
@@ -17,18 +19,20 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from threshold.server.policy_metrics import PolicyCollector
 from threshold.server.registry import (
     STATE_CLOSED,
     STATE_CONNECTED,
     STATE_ERROR,
     STATE_UNKNOWN,
+    user_streams,
 )
 from threshold.server.stats import GatewayStats, HandshakeFailure, Refusal
 
 if TYPE_CHECKING:
     from threshold.server.registry import ClientRecord
+    from threshold.server.serving import TunnelView
     from threshold.server.stats import Traffic
+    from threshold.server.tunnels import TunnelKey
 
 _STATES = (STATE_UNKNOWN, STATE_CONNECTED, STATE_CLOSED, STATE_ERROR)
 
@@ -41,17 +45,40 @@ class ClientRecords(Protocol):
         ...
 
 
+class TunnelViews(Protocol):
+    """What the collector reads of the serving table."""
+
+    def views(self) -> Sequence[TunnelView]:
+        """Every tunnel in force, with its clients' states."""
+        ...
+
+
 class _Gateway(Protocol):
     stats: GatewayStats
     registry: ClientRecords
+    serving: TunnelViews
+
+
+_TUNNEL_LABELS = ["listen_address", "listen_port", "hostname"]
+
+
+def _tunnel_labels(key: TunnelKey) -> list[str]:
+    address, port, glob = key
+    return [address, str(port), glob]
 
 
 class ServerCollector(Collector):
     """Everything an operator bills, alerts and plans on."""
 
-    def __init__(self, stats: GatewayStats, clients: ClientRecords) -> None:
+    def __init__(
+        self,
+        stats: GatewayStats,
+        clients: ClientRecords,
+        serving: TunnelViews | None = None,
+    ) -> None:
         self.stats = stats
         self.clients = clients
+        self.serving = serving
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Build the metric families from the gateway's current state."""
@@ -80,7 +107,7 @@ class ServerCollector(Collector):
         )
         streams = GaugeMetricFamily(
             "threshold_client_streams",
-            "Streams open on the client's session.",
+            "Users' streams open on the client's session (not its control stream).",
             labels=["client_id"],
         )
         sessions = CounterMetricFamily(
@@ -94,13 +121,24 @@ class ServerCollector(Collector):
             connected.add_metric(labels, 1 if session is not None else 0)
             sessions.add_metric(labels, record.connections)
             if session is not None:
-                streams.add_metric(labels, len(session.streams))
+                streams.add_metric(labels, user_streams(session))
                 if session.rtt is not None:
                     rtt.add_metric(labels, session.rtt)
         yield connected
         yield rtt
         yield streams
         yield sessions
+
+        health = GaugeMetricFamily(
+            "threshold_client_service_healthy",
+            "Health the client reported for a service it checks (1 healthy).",
+            labels=["client_id", "service"],
+        )
+        for record in records:
+            for service, ok in sorted(record.health.items()):
+                health.add_metric([record.client_id, service], 1 if ok else 0)
+        yield health
+        yield from self._balancing()
 
         yield from self._traffic(
             "client",
@@ -109,11 +147,8 @@ class ServerCollector(Collector):
         )
         yield from self._traffic(
             "tunnel",
-            ["listen_address", "listen_port", "hostname"],
-            [
-                ([address, str(port), glob], t)
-                for (address, port, glob), t in stats.tunnels.items()
-            ],
+            _TUNNEL_LABELS,
+            [(_tunnel_labels(key), t) for key, t in stats.tunnels.items()],
         )
 
         yield _one(
@@ -181,6 +216,53 @@ class ServerCollector(Collector):
             limits.add_metric([str(name)], count)
         yield limits
 
+    def _balancing(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Per tunnel and client: healthy, serving; per tunnel: failovers, retries."""
+        labels = [*_TUNNEL_LABELS, "client_id"]
+        healthy = GaugeMetricFamily(
+            "threshold_tunnel_client_healthy",
+            "1 while the client can take the tunnel's connections (session up,"
+            " the tunnel's service not reported unhealthy).",
+            labels=labels,
+        )
+        serving = GaugeMetricFamily(
+            "threshold_tunnel_client_serving",
+            "1 while the client receives the tunnel's new connections.",
+            labels=labels,
+        )
+        views = self.serving.views() if self.serving is not None else []
+        for view in views:
+            tunnel = _tunnel_labels(view.tunnel.key)
+            for client in view.clients:
+                row = [*tunnel, client.client_id]
+                healthy.add_metric(row, 1 if client.healthy else 0)
+                serving.add_metric(row, 1 if client.client_id in view.serving else 0)
+        yield healthy
+        yield serving
+        for name, doc, counter in (
+            (
+                "threshold_failovers",
+                "Times a failover tunnel's serving client stopped being healthy"
+                " (the move back to a preferred client is not one).",
+                self.stats.failovers,
+            ),
+            (
+                "threshold_retries",
+                "Connections reset by a client before any byte came back,"
+                " retried on another client.",
+                self.stats.retries,
+            ),
+            (
+                "threshold_retry_failures",
+                "Retried connections reset by the second client too.",
+                self.stats.retry_failures,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=_TUNNEL_LABELS)
+            for key, count in sorted(counter.items()):
+                family.add_metric(_tunnel_labels(key), count)
+            yield family
+
     def _traffic(
         self,
         what: str,
@@ -233,10 +315,9 @@ def _one(
 def server_registry(server: _Gateway) -> CollectorRegistry:
     """A registry holding the gateway's collector (and nothing global)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerCollector(server.stats, server.registry))
-    policy = getattr(server, "policy", None)
-    if policy is not None:
-        registry.register(PolicyCollector(policy))
+    registry.register(
+        ServerCollector(server.stats, server.registry, getattr(server, "serving", None))
+    )
     return registry
 
 

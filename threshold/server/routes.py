@@ -163,18 +163,20 @@ class RouteTable:
     ``listen(host, port, factory)`` opens a socket (an endpoint's
     ``listen``), ``make_factory(group)`` builds the front-end factory of a
     group (it looks its entries up with ``group()`` at each connection), and
-    ``client_connected(client_id)`` says whether a client is connected now.
+    ``on_switch(tunnels)`` is told the set in force each time it changes
+    (an apply, a restore, the close), at the switch itself. The clients a
+    tunnel names need not be connected: its socket listens all the same.
     """
 
     def __init__(
         self,
         listen: Callable[[str, int, IProtocolFactory], Deferred[IListeningPort]],
         make_factory: Callable[[GroupKey], IProtocolFactory],
-        client_connected: Callable[[str], bool],
+        on_switch: Callable[[list[Tunnel]], object] = lambda tunnels: None,
     ) -> None:
         self._listen = listen
         self._make_factory = make_factory
-        self._client_connected = client_connected
+        self._on_switch = on_switch
         self._lock = DeferredLock()
         self._tunnels: list[Tunnel] = []
         self._groups: dict[GroupKey, tuple[Tunnel, ...]] = {}
@@ -202,39 +204,24 @@ class RouteTable:
         return list(self._not_restored)
 
     def apply(
-        self,
-        tunnels: list[Tunnel],
-        check_clients: bool = True,
-        persist: Persist | None = None,
+        self, tunnels: list[Tunnel], persist: Persist | None = None
     ) -> Deferred[list[Tunnel]]:
         """Replace the whole set, all or nothing; fire with the list now in force.
 
-        Fails with TunnelError (400 duplicate route, 404 client not
-        connected, 409 a socket that cannot be bound), or with whatever
-        ``persist(tunnels)`` raised, leaving the previous set in force and
-        its sockets untouched. Applies (and so their saves) run one at a
-        time, in the order they were asked for.
+        Fails with TunnelError (400 duplicate route, 409 a socket that
+        cannot be bound), or with whatever ``persist(tunnels)`` raised,
+        leaving the previous set in force and its sockets untouched. Applies
+        (and so their saves) run one at a time, in the order they were asked
+        for.
         """
         return self._lock.run(
-            lambda: Deferred.fromCoroutine(
-                self._apply(list(tunnels), check_clients, persist)
-            )
+            lambda: Deferred.fromCoroutine(self._apply(list(tunnels), persist))
         )
 
     async def _apply(
-        self, tunnels: list[Tunnel], check_clients: bool, persist: Persist | None
+        self, tunnels: list[Tunnel], persist: Persist | None
     ) -> list[Tunnel]:
         check_duplicates(tunnels)
-        if check_clients:
-            for index, tunnel in enumerate(tunnels):
-                if not self._client_connected(tunnel.client_id):
-                    raise TunnelError(
-                        404,
-                        f'entry {index}: client "{tunnel.client_id}" is not connected',
-                        index=index,
-                        field="ClientId",
-                    )
-
         new_groups: dict[GroupKey, list[Tunnel]] = {}
         first_index: dict[GroupKey, int] = {}
         for index, tunnel in enumerate(tunnels):
@@ -264,6 +251,7 @@ class RouteTable:
         self._ports = {
             k: opened[k] if k in opened else self._ports[k] for k in new_groups
         }
+        self._switched()
         await self._stop(removed)
         log.info(
             "tunnel table applied: {count} tunnels in {groups} groups",
@@ -277,8 +265,7 @@ class RouteTable:
 
         Unlike :meth:`apply`, a group whose socket cannot be bound is left
         out (each of its entries logged and reported by
-        :meth:`not_restored`) and the other groups serve. Clients are not
-        checked: they come back after the gateway is listening.
+        :meth:`not_restored`) and the other groups serve.
         """
         return self._lock.run(
             lambda: Deferred.fromCoroutine(self._restore(list(tunnels)))
@@ -303,7 +290,7 @@ class RouteTable:
                         "state file entry {index} (client {client_id}, "
                         "{address}) not restored: {why}",
                         index=index,
-                        client_id=tunnels[index].client_id,
+                        client_id=", ".join(tunnels[index].client_ids),
                         address=format_address(*key),
                         why=e.message,
                     )
@@ -316,8 +303,16 @@ class RouteTable:
         self._tunnels = kept
         self._ports = opened
         self._not_restored = failed
+        self._switched()
         await self._stop(removed)
         return list(failed)
+
+    def _switched(self) -> None:
+        """Tell ``on_switch`` the set now in force (its failure is only logged)."""
+        try:
+            self._on_switch(list(self._tunnels))
+        except Exception:
+            log.failure("tunnel set switched, but telling the front end failed")
 
     async def _bind(self, key: GroupKey, index: int) -> IListeningPort:
         """Listen for a group; a bind error is a TunnelError naming ``index``."""
@@ -362,6 +357,7 @@ class RouteTable:
             self._groups = {}
             self._tunnels = []
             self._ports = {}
+            self._switched()
             await self._stop(ports)
 
         return self._lock.run(lambda: Deferred.fromCoroutine(close()))

@@ -28,9 +28,9 @@ from threshold.server.frontend import (
     FrontendLimits,
     public_admission,
 )
-from threshold.server.policy import GatewayPolicy, PolicySettings
 from threshold.server.registry import ClientRegistry
 from threshold.server.routes import RouteTable, TunnelError
+from threshold.server.serving import ServingTable
 from threshold.server.statefile import StateFile, StateFileError, ThreadRunner
 from threshold.server.stats import GatewayStats
 from threshold.wire.frames import GO_AWAY_NORMAL
@@ -70,7 +70,6 @@ class TunnelServer(Service):
         limits: FrontendLimits | None = None,
         shutdown_grace: float = 10.0,
         run_in_thread: ThreadRunner = deferToThread,
-        policy: PolicySettings | None = None,
     ) -> None:
         settings = settings or ControlSettings()
         self.clock = clock
@@ -86,13 +85,9 @@ class TunnelServer(Service):
         self.shutdown_grace = shutdown_grace
         self.limits = limits or FrontendLimits()
         self.admission = public_admission(self.limits)
-        #: Source lists, rates, bandwidth and quotas (docs/policy.md); quota
-        #: usage is kept in the state file.
-        self.policy = GatewayPolicy(
-            policy or PolicySettings(), clock, self.stats, self.state
-        )
-        self.admission.policy = self.policy
-        self.routes = RouteTable(listen, self._make_factory, self.registry.is_connected)
+        #: Which clients serve each tunnel now (the front end asks it).
+        self.serving = ServingTable(self.registry, self.stats)
+        self.routes = RouteTable(listen, self._make_factory, self.serving.update)
         self._control = ControlFactory(self.registry, settings, clock, self.stats)
 
     @property
@@ -104,7 +99,7 @@ class TunnelServer(Service):
         return FrontendFactory(
             key,
             self.routes,
-            self.registry.session_for,
+            self.serving,
             self.clock,
             self.stats,
             self.limits,
@@ -126,7 +121,6 @@ class TunnelServer(Service):
         # The operator changed the set: what the restore missed is moot.
         self.stats.tunnels_in_force = len(tunnels)
         self.stats.restore_failures = 0
-        self.policy.tunnels_applied(tunnels)
         return tunnels
 
     def _save(self, tunnels: list[Tunnel]) -> Deferred[None]:
@@ -150,7 +144,6 @@ class TunnelServer(Service):
         ``PUT /tunnels``.
         """
         Service.startService(self)
-        self.policy.start()
         tunnels, self._restore = self._restore, []
         if not tunnels:
             return
@@ -185,10 +178,11 @@ class TunnelServer(Service):
         """
         Service.stopService(self)
         yield self.routes.close()
-        sessions = [c.session for c in self.control_connections]
+        controls = list(self.control_connections)
+        sessions = [c.session for c in controls]
         closed = [s.when_closed() for s in sessions]
-        for session in sessions:
-            session.go_away(GO_AWAY_NORMAL)
+        for control in controls:
+            control.go_away(GO_AWAY_NORMAL)
         running = sum(len(s.streams) for s in sessions)
         if running:
             log.info(
@@ -211,5 +205,3 @@ class TunnelServer(Service):
             )
             for session in left:
                 session.close()
-        # The last counts of the connections that just ended.
-        yield self.policy.stop()

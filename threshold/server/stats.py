@@ -10,7 +10,9 @@ Bytes are counted once: each relayed connection has a :class:`Flow` whose
 ``bytes_in``/``bytes_out`` the front end adds each chunk to (one increment,
 the only one on the hot path). Per-tunnel and per-client figures are the
 totals of closed flows plus the open flows' counts, summed when read, so a
-long transfer shows in ``/metrics`` while it runs.
+long transfer shows in ``/metrics`` while it runs. A flow retried on
+another client (:mod:`threshold.server.retry`) moves to it: it counts as
+accepted by both clients, open on and its bytes for the second.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
+from threshold.server.tunnels import TunnelKey
+
 __all__ = [
     "Flow",
     "GatewayStats",
@@ -30,9 +34,6 @@ __all__ = [
     "TunnelKey",
     "Traffic",
 ]
-
-#: A tunnel's identity in the counters: (ListenAddress, ListenPort, glob).
-TunnelKey = tuple[str, int, str]
 
 _K = TypeVar("_K")
 
@@ -47,9 +48,10 @@ class Refusal(StrEnum):
 
     #: No tunnel of the group matches the SNI name (or the group is gone).
     NO_ROUTE = "no_route"
-    #: The tunnel's client is not connected, its session is closing or
-    #: full, or opening the stream failed.
-    CLIENT_NOT_CONNECTED = "client_not_connected"
+    #: No client of the tunnel is healthy (connected, not going away, its
+    #: service not reported unhealthy), or none of the healthy ones could
+    #: open a stream (session closing, or full). Was ``client_not_connected``.
+    NO_HEALTHY_CLIENT = "no_healthy_client"
     #: The tunnel cannot be served (its opening cannot be built) or relaying
     #: into the stream failed; the stream, if opened, is reset.
     TUNNEL_ERROR = "tunnel_error"
@@ -163,11 +165,21 @@ class GatewayStats:
         self.refused: Counter[Refusal] = Counter()
         self.limits_hit: Counter[Limit] = Counter()
         self.handshake_failures: Counter[HandshakeFailure] = Counter()
+        #: Times a failover tunnel's serving client stopped being healthy
+        #: (see threshold.server.serving).
+        self.failovers: Counter[TunnelKey] = Counter()
+        #: Connections reset by a client before any byte came back, retried
+        #: on another client.
+        self.retries: Counter[TunnelKey] = Counter()
+        #: Retried connections whose second stream was reset too.
+        self.retry_failures: Counter[TunnelKey] = Counter()
         #: Access-policy refusals by (tunnel, client, reason): see policy.py.
         self.policy_refused: Counter[tuple[TunnelKey, str, Refusal]] = Counter()
         self._open_flows: set[Flow] = set()
         self._tunnels: dict[TunnelKey, Traffic] = {}
         self._clients: dict[str, Traffic] = {}
+        #: Open flows per tunnel and client (least-connections reads it).
+        self._open_by_client: dict[TunnelKey, Counter[str]] = {}
 
     # Events
 
@@ -197,13 +209,42 @@ class GatewayStats:
         for traffic in (self._tunnel(tunnel), self._client(client_id)):
             traffic.accepted += 1
             traffic.open += 1
+        self._open_by_client.setdefault(tunnel, Counter())[client_id] += 1
         return flow
+
+    def flow_moved(self, flow: Flow, client_id: str) -> None:
+        """An open flow was retried on another client: it is that client's now."""
+        if flow not in self._open_flows or flow.client_id == client_id:
+            return
+        old = self._client(flow.client_id)
+        old.open -= 1
+        new = self._client(client_id)
+        new.accepted += 1
+        new.open += 1
+        self._drop_open(flow)
+        flow.client_id = client_id
+        self._open_by_client.setdefault(flow.tunnel, Counter())[client_id] += 1
+
+    def open_per_client(self, tunnel: TunnelKey) -> Counter[str]:
+        """The tunnel's open connections per client (a live view: do not change)."""
+        return self._open_by_client.get(tunnel) or Counter()
+
+    def _drop_open(self, flow: Flow) -> None:
+        counts = self._open_by_client.get(flow.tunnel)
+        if counts is None:
+            return
+        counts[flow.client_id] -= 1
+        if counts[flow.client_id] <= 0:
+            del counts[flow.client_id]
+        if not counts:
+            del self._open_by_client[flow.tunnel]
 
     def flow_closed(self, flow: Flow) -> None:
         """A relayed connection ended: its bytes join the closed totals."""
         if flow not in self._open_flows:
             return
         self._open_flows.discard(flow)
+        self._drop_open(flow)
         for traffic in (self._tunnel(flow.tunnel), self._client(flow.client_id)):
             traffic.open -= 1
             traffic.bytes_in += flow.bytes_in

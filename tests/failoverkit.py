@@ -491,3 +491,59 @@ def run_users(port: int, total: int, concurrency: int = 16, size: int = 256):
     loop.start()
     yield finished
     return loop
+
+
+@implementer(IHalfCloseableProtocol)
+class _HeldUser(_User):
+    """A user that keeps its connection open until told to half-close."""
+
+    def __init__(self, payload: bytes) -> None:
+        super().__init__(payload)
+        self.echoed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.write(self.payload)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        super().dataReceived(data)
+        received = b"".join(self.chunks)
+        if not self.echoed.called and received.endswith(self.payload):
+            self.echoed.callback(None)
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        if not self.echoed.called:
+            self.echoed.callback(None)
+        super().connectionLost(reason)
+
+
+@inlineCallbacks
+def held_users(port: int, count: int, size: int = 64):
+    """``count`` users open at once: each connects, sends ``size`` bytes and
+    waits for its echo; once all have it, all half-close. Return each
+    user's tag (None for one not served with every byte back).
+
+    With every connection still open when the next arrives, the gateway's
+    open-connection counts are exact at each choice (for least-connections).
+    """
+    rng = random.Random(count)
+    users = []
+    for _ in range(count):
+        user = _HeldUser(rng.randbytes(size))
+        users.append(user)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), user)
+    timer = reactor.callLater(
+        USER_TIMEOUT, lambda: [u.transport.abortConnection() for u in users]
+    )
+    for user in users:
+        yield user.echoed
+    for user in users:
+        if user.transport.connected:
+            user.transport.loseWriteConnection()
+    tags = []
+    for user in users:
+        data = yield user.done
+        tag, newline, rest = data.partition(b"\n")
+        tags.append(tag.decode() if newline and rest == user.payload else None)
+    if timer.active():
+        timer.cancel()
+    return tags

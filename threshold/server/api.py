@@ -63,6 +63,26 @@ class Jsonable(Protocol):
         ...
 
 
+class PolicyView(Protocol):
+    """What the API reads and changes of the access policy (policy.py)."""
+
+    def client_view(self, client_id: str) -> dict[str, Any]:
+        """A client's quota, bandwidth and refusals."""
+        ...
+
+    def tunnel_view(self, tunnel: Tunnel) -> dict[str, Any]:
+        """A tunnel's refusals and bandwidth."""
+        ...
+
+    def reset_quota(self, client_id: str) -> Any:
+        """Start a client's quota over; None when it has no quota."""
+        ...
+
+    def knows(self, client_id: str) -> bool:
+        """Whether the policy has (or had saved) a quota for the client."""
+        ...
+
+
 class ApiError(Exception):
     """A request refused with an HTTP status and a JSON error message."""
 
@@ -134,8 +154,10 @@ class ManagementAPI:
         metrics: Callable[[], bytes] | None = None,
         limit_hit: Callable[[Limit], None] = lambda limit: None,
         serving: ServingView | None = None,
+        policy: PolicyView | None = None,
         fleet: Any = None,
     ) -> None:
+        self._policy = policy
         #: In a fleet (threshold.server.fleet.Fleet): PUT goes through etcd.
         self._fleet = fleet
         self._routes = routes
@@ -192,9 +214,34 @@ class ManagementAPI:
         """The state of every known client."""
         self._authorize(request)
         clients = self._clients.snapshot()
+        if self._policy is not None:
+            for client_id, body in clients.items():
+                body.update(self._policy.client_view(client_id))
         if self._fleet is not None:
             clients = self._fleet.clients(clients)
         return self._json(request, 200, clients)
+
+    @app.route("/clients/<client_id>/quota/reset", methods=["POST"])
+    def reset_quota(self, request: IRequest, client_id: str) -> bytes:
+        """Start the client's quota count for the current period over."""
+        self._authorize(request)
+        policy = self._policy
+        known = client_id in self._clients.snapshot() or (
+            policy is not None and policy.knows(client_id)
+        )
+        if not known:
+            raise ApiError(404, f"no such client: {json.dumps(client_id)}")
+        account = policy.reset_quota(client_id) if policy is not None else None
+        if account is None:
+            raise ApiError(
+                409, f"client {json.dumps(client_id)} has no quota (QuotaBytes)"
+            )
+        log.info(
+            "management API reset the quota of client {client_id} for {peer}",
+            client_id=client_id,
+            peer=peer_common_name(getattr(request, "transport", None)),
+        )
+        return self._json(request, 200, {"ClientId": client_id, **account.view()})
 
     @app.route("/tunnels", methods=["GET"])
     def get_tunnels(self, request: IRequest) -> bytes:
@@ -226,6 +273,8 @@ class ManagementAPI:
         body = tunnel.to_json()
         if self._serving is not None:
             body.update(self._serving.view(tunnel).to_json())
+        if self._policy is not None:
+            body["Policy"] = self._policy.tunnel_view(tunnel)
         return body
 
     @app.route("/metrics", methods=["GET"])

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from threshold.mux.session import MuxSession
     from threshold.server.routes import RouteTable
     from threshold.server.serving import TunnelView
+    from threshold.server.shaping import FlowMeter
 
 log = Logger(observer=log_observer)
 
@@ -121,6 +122,8 @@ class PublicConnection(RetryingRelay, TimeoutMixin):
 
     tunnel: Tunnel | None = None
     flow: Flow | None = None
+    #: Bandwidth shaping and quota counting, when a limit applies (policy.py).
+    meter: FlowMeter | None = None
 
     def __init__(self, factory: FrontendFactory) -> None:
         super().__init__()
@@ -210,6 +213,11 @@ class PublicConnection(RetryingRelay, TimeoutMixin):
     def _route(self, tunnel: Tunnel, first_bytes: bytes) -> None:
         factory = self.factory
         candidates = factory.clients.candidates(tunnel)
+        # The access policy (source lists, quota, rate) may drop candidates;
+        # a refusal is counted and logged there, before any stream exists.
+        if factory.admission.check(self, tunnel, candidates) is not None:
+            self.give_up(abort=True)
+            return
         if not candidates:
             self._refuse(Refusal.NO_HEALTHY_CLIENT, self._no_client(tunnel))
             return
@@ -310,6 +318,7 @@ class PublicConnection(RetryingRelay, TimeoutMixin):
         # Header, PROXY header and the bytes read so far go out as one Data
         # frame, right behind the SYN: the client needs no round trip.
         self.splice(stream_end, first)
+        self.meter = self.factory.admission.meter(self, tunnel)
         self.arm_quiet_timer()
 
     # -- relaying -----------------------------------------------------------
@@ -327,6 +336,9 @@ class PublicConnection(RetryingRelay, TimeoutMixin):
             else:
                 flow.bytes_in += len(data)
                 self.arm_quiet_timer()
+            meter = self.meter
+            if meter is not None:
+                meter.upload(len(data))
         super().dataReceived(data)
 
     def _quiet_limit(self) -> tuple[float, Refusal] | None:
@@ -394,6 +406,8 @@ class PublicConnection(RetryingRelay, TimeoutMixin):
         self.setTimeout(None)
         self._sni = None
         self.replay = None
+        if self.meter is not None:
+            self.meter.close()
         factory = self.factory
         stats = factory.stats
         if factory.admission.release(self):

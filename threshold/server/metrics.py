@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from threshold.server.policy_metrics import PolicyCollector
 from threshold.server.registry import (
     STATE_CLOSED,
     STATE_CONNECTED,
@@ -318,6 +319,9 @@ def server_registry(server: _Gateway) -> CollectorRegistry:
     registry.register(
         ServerCollector(server.stats, server.registry, getattr(server, "serving", None))
     )
+    policy = getattr(server, "policy", None)
+    if policy is not None:
+        registry.register(PolicyCollector(policy))
     return registry
 
 

@@ -214,6 +214,9 @@ class StreamSide(RelayEnd):
             else:
                 flow.bytes_out += len(data)
                 public.arm_quiet_timer()
+            meter = public.meter
+            if meter is not None:
+                meter.download(len(data))
         super().dataReceived(data)
 
     def readConnectionLost(self) -> None:  # noqa: N802

@@ -28,6 +28,7 @@ from threshold.server.frontend import (
     FrontendLimits,
     public_admission,
 )
+from threshold.server.policy import GatewayPolicy, PolicySettings
 from threshold.server.registry import ClientRegistry
 from threshold.server.routes import RouteTable, TunnelError
 from threshold.server.serving import ServingTable
@@ -70,6 +71,7 @@ class TunnelServer(Service):
         limits: FrontendLimits | None = None,
         shutdown_grace: float = 10.0,
         run_in_thread: ThreadRunner = deferToThread,
+        policy: PolicySettings | None = None,
     ) -> None:
         settings = settings or ControlSettings()
         self.clock = clock
@@ -85,6 +87,12 @@ class TunnelServer(Service):
         self.shutdown_grace = shutdown_grace
         self.limits = limits or FrontendLimits()
         self.admission = public_admission(self.limits)
+        #: Source lists, rates, bandwidth and quotas (docs/policy.md); quota
+        #: usage is kept in the state file.
+        self.policy = GatewayPolicy(
+            policy or PolicySettings(), clock, self.stats, self.state
+        )
+        self.admission.policy = self.policy
         #: Which clients serve each tunnel now (the front end asks it).
         self.serving = ServingTable(self.registry, self.stats)
         self.routes = RouteTable(listen, self._make_factory, self.serving.update)
@@ -121,6 +129,7 @@ class TunnelServer(Service):
         # The operator changed the set: what the restore missed is moot.
         self.stats.tunnels_in_force = len(tunnels)
         self.stats.restore_failures = 0
+        self.policy.tunnels_applied(tunnels)
         return tunnels
 
     def _save(self, tunnels: list[Tunnel]) -> Deferred[None]:
@@ -144,6 +153,7 @@ class TunnelServer(Service):
         ``PUT /tunnels``.
         """
         Service.startService(self)
+        self.policy.start()
         tunnels, self._restore = self._restore, []
         if not tunnels:
             return
@@ -205,3 +215,5 @@ class TunnelServer(Service):
             )
             for session in left:
                 session.close()
+        # The last counts of the connections that just ended.
+        yield self.policy.stop()

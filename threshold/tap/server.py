@@ -24,6 +24,7 @@ from threshold.server.api import ManagementAPI
 from threshold.server.control import ControlSettings
 from threshold.server.fleet import Fleet, FleetCollector, read_revision
 from threshold.server.frontend import FrontendLimits
+from threshold.server.policy import PolicySettings
 from threshold.server.reuseport import reuseport_listen
 from threshold.server.service import TunnelServer
 from threshold.server.site import ManagementLimits, management_site
@@ -107,6 +108,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
             ipv6_prefix=config.source_ipv6_prefix_length,
         ),
         shutdown_grace=config.shutdown_grace_seconds,
+        policy=PolicySettings.from_config(config),
     )
     top = MultiService()
     server.setServiceParent(top)
@@ -129,6 +131,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         apply=server.apply,
         metrics=partial(metrics.render, metrics_registry),
         limit_hit=server.stats.limit_hit,
+        policy=server.policy,
         serving=server.serving,
         fleet=fleet,
     )

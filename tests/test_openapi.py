@@ -20,9 +20,12 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from threshold.config.policy import ClientPolicy
 from threshold.server.api import ManagementAPI
+from threshold.server.policy import CLIENT_VIEW_FIELDS, GatewayPolicy, PolicySettings
 from threshold.server.registry import (
     STATE_CLOSED,
     STATE_CONNECTED,
@@ -38,6 +41,7 @@ from threshold.server.routes import (
     TunnelError,
     parse_tunnels,
 )
+from threshold.server.stats import GatewayStats
 
 SPEC_PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -276,6 +280,14 @@ TUNNEL = {
 }
 
 
+def spec_path(path: str) -> str:
+    """The spec's path of a request's (``/clients/a/quota/reset``: its template)."""
+    for template in SPEC["paths"]:
+        if re.fullmatch(re.sub(r"\{[^}/]+\}", "[^/]+", template), path):
+            return template
+    return path
+
+
 class Answer:
     """One request and what the app answered."""
 
@@ -283,7 +295,7 @@ class Answer:
         self, method: str, path: str, status: int, content_type: str, body: bytes
     ) -> None:
         self.method = method
-        self.path = path
+        self.path = spec_path(path)
         self.status = status
         self.content_type = content_type
         self.body = body
@@ -390,6 +402,19 @@ def drive(case: SynchronousTestCase) -> Harness:
         h.request(forbidden, method, path, [] if method == "PUT" else None)
     # 404 metrics: a server without them.
     h.request(h.api(metrics=None), "GET", "/metrics")
+    # The access policy: its fields in the answers, the quota reset.
+    quota = PolicySettings(
+        client_policies={"TestClient1": ClientPolicy(quota_bytes=10)}
+    )
+    clients = registry()
+    policy = GatewayPolicy(quota, Clock(), GatewayStats())
+    with_policy = h.api(clients=clients, policy=policy)
+    h.request(with_policy, "PUT", "/tunnels", [dict(TUNNEL, BandwidthBytesPerSecond=9)])
+    h.request(with_policy, "GET", "/clients")
+    h.request(with_policy, "GET", "/tunnels/status")
+    h.request(with_policy, "POST", "/clients/TestClient1/quota/reset")
+    h.request(with_policy, "POST", "/clients/TestClient2/quota/reset")  # no quota
+    h.request(with_policy, "POST", "/clients/TestClient9/quota/reset")  # unknown
 
     # 500 wherever the server's own code can fail.
     def broken_tunnels() -> list[Tunnel]:
@@ -483,7 +508,9 @@ class SpecShapeTests(SynchronousTestCase):
 
     def test_validator_can_fail(self):
         """The validator refuses wrong types, missing and unknown fields."""
-        tunnel = dict(TUNNEL, HaProxyProxyProtocolVersion=1)
+        minimal = {"ClientId": "a", "ListenPort": 1, "BackEndService": "b"}
+        written = parse_tunnels([minimal])[0].to_json()
+        tunnel = dict(written, **TUNNEL)
         schema = {"$ref": "#/components/schemas/Tunnel"}
         validate(SPEC, schema, tunnel)
         for wrong in (
@@ -682,7 +709,8 @@ class FieldsTests(SynchronousTestCase):
         """ClientState lists exactly the fields ClientRecord.to_json() writes."""
         written = ClientRecord("TestClient1").to_json()
         schema = self.schema("ClientState")
-        self.assertEqual(set(schema["properties"]), set(written))
+        # ``GET /clients`` adds the access policy's fields to each client.
+        self.assertEqual(set(schema["properties"]), set(written) | CLIENT_VIEW_FIELDS)
         self.assertEqual(set(schema["required"]), set(written))
 
     def test_client_states_enum(self):

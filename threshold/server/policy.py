@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from threshold.server.tunnels import Tunnel, TunnelKey
 
 __all__ = [
+    "CLIENT_VIEW_FIELDS",
     "Denied",
     "GatewayPolicy",
     "HitLog",
@@ -108,6 +109,22 @@ POLICY_REFUSALS = (
     Refusal.RATE_LIMITED,
     Refusal.QUOTA_EXCEEDED,
     Refusal.QUOTA_CUT,
+)
+
+
+#: The fields :meth:`GatewayPolicy.client_view` adds to a client of ``GET /clients``.
+CLIENT_VIEW_FIELDS = frozenset(
+    {
+        "QuotaBytes",
+        "QuotaUsedBytes",
+        "QuotaLeftBytes",
+        "QuotaPeriod",
+        "QuotaPeriodStart",
+        "QuotaPeriodEnd",
+        "QuotaExceeded",
+        "Bandwidth",
+        "Refused",
+    }
 )
 
 

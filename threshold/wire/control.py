@@ -18,15 +18,13 @@ one short printable text per unhealthy service. Pure code, no reactor.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from threshold.schema import SERVICE_NAME, SchemaError, show
-from threshold.wire import strictjson
-from threshold.wire.handshake import MAX_LINE
+from threshold.wire.handshake import MAX_LINE, decode_line, encode_line
 
 __all__ = [
     "MAX_DETAIL",
@@ -92,11 +90,6 @@ def _cut(text: str, length: int) -> str:
     return text if len(text) <= length else text[: length - 3] + "..."
 
 
-def _encode(obj: dict[str, Any]) -> bytes:
-    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-    return data + b"\n"
-
-
 def _checked_states(states: Mapping[str, bool]) -> dict[str, bool]:
     if not isinstance(states, Mapping):
         raise ControlError(f"health must be a mapping, got {show(states)}")
@@ -146,7 +139,7 @@ def encode_health(
         obj: dict[str, Any] = {"health": checked}
         if details:
             obj["detail"] = details
-        line = _encode(obj)
+        line = encode_line(obj)
         if len(line) - 1 <= MAX_LINE:
             return line
     raise ControlError(
@@ -162,29 +155,6 @@ def health_line_fits(services: list[str]) -> bool:
     except ControlError:
         return False
     return True
-
-
-def _decode(line: bytes) -> dict[str, Any]:
-    if not isinstance(line, bytes | bytearray | memoryview):
-        raise ControlError(f"control line must be bytes, got {type(line).__name__}")
-    line = bytes(line)
-    if line.endswith(b"\n"):
-        line = line[:-1]
-    if len(line) > MAX_LINE:
-        raise ControlError(f"control line is longer than {MAX_LINE} bytes")
-    try:
-        value = strictjson.loads(line)
-    except strictjson.NotUtf8 as e:
-        raise ControlError(f"control line is not UTF-8 (byte {e.start})") from None
-    except strictjson.DuplicateKey as e:
-        raise ControlError(f"control line has key {e.key!r} more than once") from None
-    except strictjson.JsonError as e:
-        raise ControlError(f"control line is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ControlError(
-            f"control line must be a JSON object, got {type(value).__name__}"
-        )
-    return value
 
 
 def _parse_health(obj: dict[str, Any]) -> Health:
@@ -217,7 +187,7 @@ def parse_control_line(line: bytes) -> ControlMessage:
     not one JSON object within MAX_LINE or a ``health`` message of the
     wrong shape.
     """
-    obj = _decode(line)
+    obj = decode_line(line, "control line", ControlError)
     if "health" in obj:
         return _parse_health(obj)
     return Unknown(tuple(sorted(obj)))

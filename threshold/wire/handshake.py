@@ -35,8 +35,10 @@ __all__ = [
     "HelloReply",
     "LineBuffer",
     "StreamHeader",
+    "decode_line",
     "encode_hello",
     "encode_hello_reply",
+    "encode_line",
     "encode_stream_header",
     "parse_hello",
     "parse_hello_reply",
@@ -143,31 +145,36 @@ class LineBuffer:
         return line, bytes(data[index + 1 :])
 
 
-def _decode(line: bytes, what: str) -> dict[str, Any]:
-    """Decode one JSON object line, or raise HandshakeError naming ``what``."""
+def decode_line(
+    line: bytes, what: str, error: type[ValueError] = HandshakeError
+) -> dict[str, Any]:
+    """Decode one JSON object line, or raise ``error`` naming ``what``.
+
+    Every JSON line on a stream (hello, reply, stream header, control
+    channel) is read here: bytes, at most ``MAX_LINE``, strict JSON, an object.
+    """
     if not isinstance(line, bytes | bytearray | memoryview):
-        raise HandshakeError(f"{what} must be bytes, got {type(line).__name__}")
+        raise error(f"{what} must be bytes, got {type(line).__name__}")
     line = bytes(line)
     if line.endswith(b"\n"):
         line = line[:-1]
     if len(line) > MAX_LINE:
-        raise HandshakeError(f"{what} is longer than {MAX_LINE} bytes")
+        raise error(f"{what} is longer than {MAX_LINE} bytes")
     try:
         value = strictjson.loads(line)
     except strictjson.NotUtf8 as e:
-        raise HandshakeError(f"{what} is not UTF-8 (byte {e.start})") from None
+        raise error(f"{what} is not UTF-8 (byte {e.start})") from None
     except strictjson.DuplicateKey as e:
-        raise HandshakeError(f"{what} has key {e.key!r} more than once") from None
+        raise error(f"{what} has key {e.key!r} more than once") from None
     except strictjson.JsonError as e:
-        raise HandshakeError(f"{what} is not valid JSON: {e}") from None
+        raise error(f"{what} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
-        raise HandshakeError(
-            f"{what} must be a JSON object, got {type(value).__name__}"
-        )
+        raise error(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
 
 
-def _encode(obj: dict[str, Any]) -> bytes:
+def encode_line(obj: dict[str, Any]) -> bytes:
+    """One compact, ASCII-only JSON line with its ``\\n``."""
     data = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     return data + b"\n"
 
@@ -189,12 +196,12 @@ def _check(kind: Any, value: object, name: str, what: str) -> Any:
 def encode_hello(client_id: str) -> bytes:
     """Encode the client's hello line."""
     _check(CLIENT_ID, client_id, "clientId", "hello")
-    return _encode({"version": PROTOCOL_VERSION, "clientId": client_id})
+    return encode_line({"version": PROTOCOL_VERSION, "clientId": client_id})
 
 
 def parse_hello(line: bytes) -> Hello:
     """Parse and check a hello line (with or without its ``\\n``)."""
-    hello: Hello = _parse(_HELLO, _decode(line, "hello"), "hello")
+    hello: Hello = _parse(_HELLO, decode_line(line, "hello"), "hello")
     if hello.version != PROTOCOL_VERSION:
         raise HandshakeError(
             f"unsupported hello version {hello.version} (this side speaks version"
@@ -219,8 +226,8 @@ def encode_hello_reply(
         if error is not None:
             raise HandshakeError("an accepting reply carries no error")
         if gateway is None:
-            return _encode({"ok": True})
-        return _encode(
+            return encode_line({"ok": True})
+        return encode_line(
             {"ok": True, "gateway": _check(CLIENT_ID, gateway, "gateway", "reply")}
         )
     if error is None:
@@ -229,13 +236,13 @@ def encode_hello_reply(
         error = error[: _MAX_ERROR - 3] + "..."
     # Lone surrogates cannot be sent as UTF-8; show them as replacement marks.
     error = error.encode("utf-8", "replace").decode("utf-8")
-    return _encode({"ok": False, "error": error})
+    return encode_line({"ok": False, "error": error})
 
 
 def parse_hello_reply(line: bytes) -> HelloReply:
     """Parse the server's answer to a hello."""
     reply: HelloReply = _parse(
-        _HELLO_REPLY, _decode(line, "hello reply"), "hello reply"
+        _HELLO_REPLY, decode_line(line, "hello reply"), "hello reply"
     )
     if reply.ok and reply.error is not None:
         return HelloReply(True, gateway=reply.gateway)
@@ -244,7 +251,7 @@ def parse_hello_reply(line: bytes) -> HelloReply:
 
 def encode_stream_header(service: str) -> bytes:
     """Encode the header line that starts a tunneled stream."""
-    return _encode(
+    return encode_line(
         {"service": _check(SERVICE_NAME, service, "service", "stream header")}
     )
 
@@ -252,6 +259,6 @@ def encode_stream_header(service: str) -> bytes:
 def parse_stream_header(line: bytes) -> StreamHeader:
     """Parse the header line of a tunneled stream; unknown keys are ignored."""
     header: StreamHeader = _parse(
-        _STREAM_HEADER, _decode(line, "stream header"), "stream header"
+        _STREAM_HEADER, decode_line(line, "stream header"), "stream header"
     )
     return header

@@ -92,11 +92,7 @@ class ParseTunnelsTests(SynchronousTestCase):
         """to_json uses the original field names and parses back to the same."""
         [t] = parse_tunnels([entry(ListenHostnameGlob="*.Example.COM.")])
         js = t.to_json()
-        mine = {
-            k: v
-            for k, v in js.items()
-            if k in {f.json for f in TUNNEL.fields[:9]}
-        }
+        mine = {k: v for k, v in js.items() if k in {f.json for f in TUNNEL.fields[:9]}}
         self.assertEqual(
             mine,
             {

@@ -92,12 +92,14 @@ class OpenApiTests(SynchronousTestCase):
         schema = spec["components"]["schemas"]["TunnelInput"]
         properties = schema["properties"]
         self.assertEqual(set(properties), set(TUNNEL.names))
-        required = set(schema["required"]) | {
+        choices = {
             name for choice in schema.get("anyOf", []) for name in choice["required"]
         }
+        required = set(schema["required"]) | choices
         for f in TUNNEL.fields:
             prop = properties[f.json]
-            if f.default is REQUIRED:
+            # One of ClientIds and ClientId must be given: neither has a default.
+            if f.default is REQUIRED or f.json in choices:
                 self.assertIn(f.json, required)
                 self.assertNotIn("default", prop, f.json)
             else:

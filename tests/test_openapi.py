@@ -41,6 +41,7 @@ from threshold.server.routes import (
     TunnelError,
     parse_tunnels,
 )
+from threshold.server.serving import ServingTable
 from threshold.server.stats import GatewayStats
 
 SPEC_PATH = os.path.join(
@@ -322,7 +323,15 @@ class Harness:
         **kwargs: Any,
     ) -> StubTreq:
         clients = clients if clients is not None else registry()
-        table = RouteTable(fake_listen, lambda key: Factory(), clients.is_connected)
+        serving = None
+        if isinstance(clients, ClientRegistry):
+            serving = ServingTable(clients, GatewayStats())
+            kwargs.setdefault("serving", serving)
+        table = RouteTable(
+            fake_listen,
+            lambda key: Factory(),
+            serving.update if serving is not None else lambda tunnels: None,
+        )
         if restore is not None:
             self.case.successResultOf(table.restore(restore))
         if tunnels is not None:
@@ -384,9 +393,25 @@ def drive(case: SynchronousTestCase) -> Harness:
     h.request(ok, "PUT", "/tunnels", [dict(TUNNEL, ListenPort=70000)])
     h.request(ok, "PUT", "/tunnels", [dict(TUNNEL, Colour="red")])
     h.request(ok, "PUT", "/tunnels", [TUNNEL, TUNNEL])
-    # 404: a client that is not connected (closed, errored, never seen).
+    # 400: a client listed twice, ClientId and ClientIds that differ.
+    several = {k: v for k, v in TUNNEL.items() if k != "ClientId"}
+    twice = dict(several, ClientIds=["TestClient1", "TestClient1"])
+    h.request(ok, "PUT", "/tunnels", [twice])
+    h.request(ok, "PUT", "/tunnels", [dict(TUNNEL, ClientIds=["TestClient2"])])
+    # Clients that are not connected (closed, errored, never seen) are no
+    # error (older versions answered 404); several clients, each mode.
     for client_id in ("TestClient3", "TestClient4", "TestClient9"):
         h.request(ok, "PUT", "/tunnels", [dict(TUNNEL, ClientId=client_id)])
+    h.request(ok, "GET", "/tunnels/status")
+    modes = ("failover", "round-robin", "least-connections")
+    body = [
+        dict(several, ListenPort=9000 + i, Balance=mode,
+             ClientIds=["TestClient3", "TestClient1", "TestClient2"])
+        for i, mode in enumerate(modes)
+    ]  # fmt: skip
+    h.request(ok, "PUT", "/tunnels", body)
+    h.request(ok, "GET", "/tunnels")
+    h.request(ok, "GET", "/tunnels/status")
     # 409: the port is in use.
     h.request(ok, "PUT", "/tunnels", [dict(TUNNEL, ListenPort=BUSY_PORT)])
     # 413, 415, 422.
@@ -520,7 +545,9 @@ class SpecShapeTests(SynchronousTestCase):
             dict(tunnel, HaProxyProxyProtocolVersion=True),
             dict(tunnel, BackEndService="x" * 129),
             dict(tunnel, Colour="red"),
-            {k: v for k, v in tunnel.items() if k != "ClientId"},
+            dict(tunnel, Balance="random"),
+            dict(tunnel, ClientIds="TestClient1"),
+            {k: v for k, v in tunnel.items() if k != "ClientIds"},
         ):
             with self.assertRaises(SchemaError):
                 validate(SPEC, schema, wrong)
@@ -604,7 +631,6 @@ class AnswersTests(SynchronousTestCase):
                 "200",
                 "400",
                 "403",
-                "404",
                 "409",
                 "413",
                 "415",
@@ -651,7 +677,12 @@ class FieldsTests(SynchronousTestCase):
         fields = list(tunnel[0].to_json())
         schema = self.schema("Tunnel")
         self.assertEqual(list(schema["properties"]), fields)
-        self.assertEqual(schema["required"], fields)
+        # ClientId is written for a tunnel of one client only.
+        self.assertEqual(schema["required"], [f for f in fields if f != "ClientId"])
+        [several] = parse_tunnels(
+            [{"ClientIds": ["a", "b"], "ListenPort": 1, "BackEndService": "b"}]
+        )
+        self.assertEqual(list(several.to_json()), schema["required"])
         self.assertIs(schema["additionalProperties"], False)
 
     def test_tunnel_input_fields_and_defaults(self):
@@ -661,14 +692,17 @@ class FieldsTests(SynchronousTestCase):
         properties = self.schema("TunnelInput")["properties"]
         self.assertEqual(set(properties), set(written) | {"ClientIdentifier"})
         defaults = {k: p["default"] for k, p in properties.items() if "default" in p}
-        self.assertEqual(set(defaults), set(written) - set(minimal))
+        # ClientIds has no default: it is ClientId's one client.
+        self.assertEqual(set(defaults), set(written) - set(minimal) - {"ClientIds"})
+        self.assertEqual(written["ClientIds"], ["a"])
         for name, value in defaults.items():
             self.assertEqual(written[name], value, name)
             self.assertIs(type(written[name]), type(value), name)
         # Each field of TunnelInput is accepted by the server, and only those.
         for name in properties:
-            if name not in minimal and name != "ClientIdentifier":
+            if name not in minimal and name not in ("ClientIdentifier", "ClientIds"):
                 parse_tunnels([dict(minimal, **{name: defaults[name]})])
+        parse_tunnels([dict(minimal, ClientIds=["a"])])
         parse_tunnels([dict(minimal, ClientIdentifier="a")])
         with self.assertRaises(TunnelError):
             parse_tunnels([dict(minimal, Unlisted=1)])

@@ -8,6 +8,7 @@ from collections import Counter
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -21,9 +22,11 @@ from threshold.server.control import (
     ControlSettings,
     ControlState,
 )
+from threshold.server.control_lines import MALFORMED_LOG_INTERVAL
 from threshold.server.registry import ClientRegistry, ClientState
 from threshold.server.stats import HandshakeFailure, Limit
 from threshold.testing import Collector
+from threshold.wire.control import Health, encode_health
 from threshold.wire.handshake import MAX_LINE, encode_hello
 
 QUIET = SessionConfig(keepalive_interval=0)
@@ -415,3 +418,183 @@ class AdmissionTests(SynchronousTestCase):
         self.assertFalse(dials[1][0].closed)
         self.assertEqual(gw.counters.limits, {Limit.PENDING_HANDSHAKES: 1})
         self.assertEqual(json.loads(hello(client, pump).data), {"ok": True})
+
+
+class ControlChannelTests(SynchronousTestCase):
+    """Stream 1 after the hello: kept open, health lines, bad lines, the end."""
+
+    def setUp(self) -> None:
+        self.gw = Gateway()
+        self.client, self.session, self.pump = self.gw.dial()
+        self.reply = Collector()
+        self.stream = self.client.open_stream(self.reply)
+        self.stream.write(encode_hello("TestClient1"))
+        self.pump.flush()
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def send(self, data: bytes) -> None:
+        self.stream.write(data)
+        self.pump.flush()
+
+    def health(self, service: str = "web"):
+        return self.gw.registry.health_for("TestClient1", service)
+
+    def warnings(self) -> list[str]:
+        return [
+            formatEvent(e)
+            for e in self.events
+            if e.get("log_level") is LogLevel.warn
+            and "control line" in e.get("log_format", "")
+        ]
+
+    def test_stream_one_stays_open(self):
+        """The reply is written, and stream 1 stays open both ways (no FIN)."""
+        self.assertEqual(json.loads(self.reply.data), {"ok": True})
+        self.assertFalse(self.reply.read_closed)
+        self.assertIsNone(self.reply.lost)
+        self.assertIn(1, self.session.streams)
+        self.assertIn(1, self.client.streams)
+
+    def test_health_reported(self):
+        """A health line sets each service's health and detail, at once."""
+        self.send(
+            encode_health({"web": False, "db": True}, {"web": "connection refused"})
+        )
+        web = self.health("web")
+        self.assertEqual((web.connected, web.healthy), (True, False))
+        self.assertEqual(web.reason, "service web unhealthy: connection refused")
+        self.assertTrue(self.health("db").healthy)
+        self.send(encode_health({"web": True}))
+        self.assertTrue(self.health("web").healthy)
+        self.assertEqual(self.warnings(), [])
+
+    def test_hello_and_health_in_one_write(self):
+        """A health line right behind the hello, in the same chunk, counts."""
+        gw = Gateway()
+        client, session, pump = gw.dial()
+        stream = client.open_stream(Collector())
+        stream.write(encode_hello("A") + encode_health({"web": False}))
+        pump.flush()
+        self.assertFalse(gw.registry.health_for("A", "web").healthy)
+
+    def test_health_in_pieces(self):
+        """A line split byte by byte is read whole."""
+        for byte in encode_health({"web": False}):
+            self.stream.write(bytes([byte]))
+            self.pump.flush()
+        self.assertFalse(self.health().healthy)
+
+    def test_unknown_kind_and_keys_ignored(self):
+        """A message of another kind, or extra keys, change nothing and warn not."""
+        self.send(b'{"notice": "hello"}\n')
+        self.send(b'{"health": {"web": false}, "later": 1}\n')
+        self.assertFalse(self.health().healthy)
+        self.assertEqual(self.warnings(), [])
+
+    def test_malformed_lines_ignored_logged_once_a_minute(self):
+        """Bad lines change nothing; one warning per minute at most per session."""
+        self.send(encode_health({"web": False}))
+        for line in (b"not json\n", b"[1]\n", b'{"health": {"web": 1}}\n'):
+            self.send(line)
+        self.assertFalse(self.health().healthy)
+        self.assertTrue(self.gw.registry.is_connected("TestClient1"))
+        self.assertEqual(len(self.warnings()), 1)
+        self.gw.clock.advance(MALFORMED_LOG_INTERVAL)
+        self.send(b"still not json\n")
+        warnings = self.warnings()
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("2 more not logged", warnings[1])
+
+    def test_over_long_line_resets_stream_one(self):
+        """A line over MAX_LINE resets stream 1; the health stays, the session
+        stays up."""
+        self.send(encode_health({"web": False}))
+        self.send(b"x" * MAX_LINE)
+        self.assertIn(1, self.session.streams)
+        self.send(b"x")
+        self.assertNotIn(1, self.session.streams)
+        self.assertIsNotNone(self.reply.lost)
+        self.assertFalse(self.health().healthy)
+        self.assertTrue(self.gw.registry.is_connected("TestClient1"))
+        self.assertEqual(len(self.warnings()), 1)
+
+    def test_line_of_max_length_accepted(self):
+        """A line of exactly MAX_LINE bytes is read (then judged as JSON)."""
+        line = b'{"pad": "' + b"p" * (MAX_LINE - 11) + b'"}'
+        self.assertEqual(len(line), MAX_LINE)
+        self.send(line + b"\n")
+        self.assertIn(1, self.session.streams)
+        self.assertEqual(self.warnings(), [])
+
+    def test_client_closes_control_channel(self):
+        """The client closing stream 1 keeps the session and the last health."""
+        self.send(encode_health({"web": False}))
+        self.stream.loseConnection()
+        self.pump.flush()
+        self.assertTrue(self.gw.registry.is_connected("TestClient1"))
+        self.assertFalse(self.health().healthy)
+
+    def test_health_forgotten_when_the_session_ends(self):
+        """The session's end forgets its health."""
+        self.send(encode_health({"web": False}))
+        self.client.close()
+        self.pump.flush()
+        self.assertEqual(self.health().reason, "not connected")
+        self.assertEqual(self.gw.registry.snapshot()["TestClient1"]["Health"], {})
+
+    def test_our_go_away_closes_stream_one(self):
+        """The gateway's Go Away closes stream 1 first; a client that closes
+        its side too ends the session at once, without waiting."""
+        control = self.gw.control(self.session)
+        control.go_away()
+        self.pump.flush()
+        self.assertTrue(self.reply.read_closed)
+        # The client's side closes on the FIN, as a line reader does.
+        self.stream.loseConnection()
+        self.pump.flush()
+        self.assertTrue(self.session.closed)
+        self.assertTrue(self.client.closed)
+
+    def test_client_go_away_closes_stream_one(self):
+        """After the client's Go Away the gateway closes stream 1 so that the
+        session ends with the users' streams."""
+        self.client.go_away()
+        self.pump.flush()
+        self.assertTrue(self.reply.read_closed)
+        self.assertEqual(self.health().reason, "going away")
+        self.stream.loseConnection()
+        self.pump.flush()
+        self.assertTrue(self.session.closed)
+        self.assertEqual(self.health().reason, "not connected")
+
+    def test_replaced_session_retired(self):
+        """A newer session of the same client closes the older one's stream 1."""
+        client2, session2, pump2 = self.gw.dial()
+        hello(client2, pump2)
+        self.pump.flush()
+        self.assertTrue(self.reply.read_closed)
+        self.stream.loseConnection()
+        self.pump.flush()
+        self.assertTrue(self.session.closed)
+        self.assertIs(self.gw.registry.session_for("TestClient1"), session2)
+
+    def test_old_session_health_ignored(self):
+        """Lines on a replaced session's stream 1 no longer speak for the client."""
+        client2, session2, pump2 = self.gw.dial()
+        hello(client2, pump2)
+        # The old stream 1 is closing (FIN sent) but the old session may still
+        # send before it sees it.
+        self.gw.registry.health_reported(
+            "TestClient1", self.session, Health({"web": False})
+        )
+        self.assertTrue(self.health().healthy)
+
+    def test_gateway_id_in_reply(self):
+        """With a gateway id set, the hello reply carries it."""
+        gw = Gateway(gateway_id="eu-1")
+        client, session, pump = gw.dial()
+        self.assertEqual(
+            json.loads(hello(client, pump).data), {"ok": True, "gateway": "eu-1"}
+        )

@@ -18,7 +18,10 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.test import iosim
 
+from threshold.mux.interfaces import StreamAcceptor
+from threshold.mux.session import MuxSession, SessionConfig
 from threshold.server.frontend import (
     FrontendFactory,
     FrontendLimits,
@@ -29,7 +32,7 @@ from threshold.server.registry import ClientRegistry
 from threshold.server.routes import RouteTable, parse_tunnels
 from threshold.server.serving import ServingTable
 from threshold.server.stats import GatewayStats
-from threshold.testing import Collector, connected_sessions
+from threshold.testing import Collector
 from threshold.wire.control import Health
 
 
@@ -87,11 +90,34 @@ class UserTransport(StringTransport):
             self.protocol.connectionLost(reason)
 
 
+class _Reporting(StreamAcceptor):
+    """The gateway side's handler: tells the registry how the session ends."""
+
+    def __init__(self, registry: ClientRegistry, client_id: str) -> None:
+        super().__init__(lambda stream: None)
+        self.registry = registry
+        self.client_id = client_id
+
+    def go_away_received(self, session: MuxSession, code: int) -> None:
+        self.registry.closing(self.client_id, session)
+
+    def session_ended(self, session: MuxSession, reason: BaseException) -> None:
+        self.registry.disconnected(self.client_id, session, reason)
+
+
 class ClientSide:
-    """One tunnel client joined in memory: its session, the gateway's, a pump."""
+    """One tunnel client joined in memory: its session, the gateway's, a pump.
+
+    The gateway's session reports its Go Away and its end to ``registry``,
+    as the control connection does.
+    """
 
     def __init__(
-        self, client_id: str, clock: Clock, accept: Callable[[Any], Any]
+        self,
+        client_id: str,
+        clock: Clock,
+        accept: Callable[[Any], Any],
+        registry: ClientRegistry,
     ) -> None:
         self.client_id = client_id
         self.accepted: list[Any] = []
@@ -102,8 +128,23 @@ class ClientSide:
                 self.accepted.append(protocol)
             return protocol
 
-        self.client, self.session, self.pump = connected_sessions(
-            accept_on_client=on_client, clock=clock
+        quiet = SessionConfig(keepalive_interval=0)
+        self.client, self.session, self.pump = iosim.connectedServerAndClient(
+            lambda: MuxSession(
+                client=False,
+                clock=clock,
+                handler=_Reporting(registry, client_id),
+                config=quiet,
+                name=f"gateway side of {client_id}",
+            ),
+            lambda: MuxSession(
+                client=True,
+                clock=clock,
+                handler=StreamAcceptor(on_client),
+                config=quiet,
+                name=f"client {client_id}",
+            ),
+            clock=clock,
         )
 
 
@@ -151,15 +192,15 @@ class Gateway:
         self, client_id: str, accept: Callable[[Any], Any] = lambda s: Service()
     ) -> ClientSide:
         """Connect a tunnel client (again: a new session replaces the old)."""
-        side = ClientSide(client_id, self.clock, accept)
+        side = ClientSide(client_id, self.clock, accept, self.registry)
         self.sides[client_id] = side
         self.registry.connected(client_id, side.session, f"{client_id}:1")
         return side
 
     def disconnect(self, client_id: str) -> None:
-        """The client's session ends (cleanly)."""
+        """The client's connection closes (a clean TCP close, no Go Away)."""
         side = self.sides[client_id]
-        side.client.close()
+        side.client.transport.loseConnection()
         self.flush()
 
     def report(self, client_id: str, **states: bool) -> None:

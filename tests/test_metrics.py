@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.frontendkit import Gateway, Refusing, entry
 from tests.support import (
     Backend,
     Deployment,
@@ -18,6 +19,7 @@ from tests.support import (
     wait_until,
 )
 from threshold.server.metrics import ServerCollector, render
+from threshold.server.registry import ClientRecord
 from threshold.server.stats import GatewayStats, HandshakeFailure, Limit, Refusal
 
 
@@ -121,6 +123,14 @@ class MetricsTests(TestCase):
         )
 
 
+class _Session:
+    """What the collector reads of a session."""
+
+    def __init__(self) -> None:
+        self.streams: dict[int, object] = {}
+        self.rtt: float | None = None
+
+
 class _Records:
     def __init__(self, records):
         self._records = records
@@ -193,3 +203,92 @@ class CollectorTests(SynchronousTestCase):
             text = f.read()
         for member in [*Refusal, *HandshakeFailure, *Limit]:
             self.assertIn(f"`{member.value}`", text)
+
+
+def health_row(client_id: str, service: str) -> tuple[tuple[str, str], ...]:
+    return (("client_id", client_id), ("service", service))
+
+
+class BalancingMetricsTests(SynchronousTestCase):
+    """Per tunnel and client: healthy, serving; failovers, retries; health."""
+
+    def test_several_clients(self):
+        gateway = Gateway(
+            [entry(ClientIds=["a", "b", "gone"]), entry(port=9001, ClientIds=["b"])],
+            clients=("a", "b"),
+            accept=lambda stream: Refusing(),
+        )
+        gateway.report("a", web=True, db=False)
+        gateway.connect(sent=b"x")  # a resets, b resets: one retry, one failure
+        gateway.disconnect("a")  # a failover on 9000
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(
+            ServerCollector(gateway.stats, gateway.registry, gateway.serving)
+        )
+        m = samples(render(registry).decode())
+
+        def row(port, client=None):
+            labels = {"hostname": "*", "listen_address": "127.0.0.1"}
+            labels["listen_port"] = str(port)
+            if client is not None:
+                labels["client_id"] = client
+            return tuple(sorted(labels.items()))
+
+        for client, healthy, serving in (("a", 0, 0), ("b", 1, 1), ("gone", 0, 0)):
+            self.assertEqual(
+                m[("threshold_tunnel_client_healthy", row(9000, client))], healthy
+            )
+            self.assertEqual(
+                m[("threshold_tunnel_client_serving", row(9000, client))], serving
+            )
+        self.assertEqual(m[("threshold_tunnel_client_serving", row(9001, "b"))], 1)
+        self.assertEqual(m[("threshold_failovers_total", row(9000))], 1)
+        self.assertNotIn(("threshold_failovers_total", row(9001)), m)
+        self.assertEqual(m[("threshold_retries_total", row(9000))], 1)
+        self.assertEqual(m[("threshold_retry_failures_total", row(9000))], 1)
+        # a's report was forgotten with its session; b reported nothing.
+        self.assertNotIn(
+            (
+                "threshold_client_service_healthy",
+                (("client_id", "a"), ("service", "db")),
+            ),
+            m,
+        )
+
+    def test_reported_health(self):
+        """Each service a connected client checks, 1 or 0."""
+        gateway = Gateway([entry()], clients=("c",))
+        gateway.report("c", web=True, db=False)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ServerCollector(gateway.stats, gateway.registry))
+        m = samples(render(registry).decode())
+        self.assertEqual(
+            m[
+                (
+                    "threshold_client_service_healthy",
+                    (("client_id", "c"), ("service", "db")),
+                )
+            ],
+            0,
+        )
+        self.assertEqual(
+            m[
+                (
+                    "threshold_client_service_healthy",
+                    (("client_id", "c"), ("service", "web")),
+                )
+            ],
+            1,
+        )
+        # Without a serving table the per-tunnel gauges are empty families.
+        self.assertNotIn(("threshold_tunnel_client_healthy", ()), m)
+
+    def test_control_stream_not_counted(self):
+        """threshold_client_streams counts users' streams, not stream 1."""
+        session = _Session()
+        session.streams = {1: object(), 2: object()}
+        record = ClientRecord("c", session=session)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ServerCollector(GatewayStats(), _Records([record])))
+        m = samples(render(registry).decode())
+        self.assertEqual(m[("threshold_client_streams", (("client_id", "c"),))], 1)

@@ -8,10 +8,19 @@ second reset and a session that died are not retried.
 
 from __future__ import annotations
 
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.frontendkit import Gateway, Refusing, Service, entry
+from tests.support import (
+    Backend,
+    Deployment,
+    connect_user,
+    free_port,
+    tunnel,
+    wait_until,
+)
 from threshold.mux.settings import INITIAL_WINDOW
 from threshold.relay import RelayState
 from threshold.server.retry import (
@@ -38,14 +47,10 @@ class Held(Collector):
         self.transport.abortConnection()
 
 
-def tunnel(*clients: str, balance: str = "failover", **more):
-    return entry(ClientIds=list(clients), Balance=balance, **more)
-
-
 def gateway(*accepts, balance: str = "failover", **more) -> Gateway:
     """Clients a, b, c... each serving its streams with its ``accept``."""
     names = "abcdefgh"[: len(accepts)]
-    gw = Gateway([tunnel(*names, balance=balance, **more)], clients=())
+    gw = Gateway([entry(ClientIds=list(names), Balance=balance, **more)], clients=())
     for name, accept in zip(names, accepts, strict=True):
         gw.add_client(name, accept)
     return gw
@@ -323,3 +328,50 @@ class UserReadingTests(SynchronousTestCase):
         self.assertIsInstance(user.peer, StreamSide)
         self.assertEqual(user.peer.client_id, "a")
         self.assertIsInstance(user.peer.reading, UserReading)
+
+
+class LoopbackRetryTests(TestCase):
+    """The retry over real sockets: two in-process clients of one gateway."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_refused_local_service_costs_the_user_nothing(self):
+        """A's local service refuses every connection: each user is served by
+        B, with every byte, and each costs one retry."""
+        backend = Backend(echo=True)
+        backend_port = yield backend.start()
+        self.addCleanup(backend.stop)
+        deployment = Deployment(False, self.mktemp())
+        self.addCleanup(deployment.stop)
+        deployment.start_server()
+        dead = ("127.0.0.1", free_port())  # nothing listens there
+        deployment.start_client("A", {"web": dead})
+        deployment.start_client("B", {"web": ("127.0.0.1", backend_port)})
+        yield deployment.wait_connected("A")
+        yield deployment.wait_connected("B")
+        port = free_port()
+        code, body = yield deployment.put_tunnels(
+            [
+                {
+                    k: v
+                    for k, v in tunnel("A", port, "web", ClientIds=["A", "B"]).items()
+                    if k != "ClientId"
+                }
+            ]
+        )
+        self.assertEqual(code, 200, body)
+        for i in range(5):
+            user = yield connect_user(port)
+            payload = f"request {i}\n".encode() * 100
+            user.transport.write(payload)
+            yield wait_until(lambda u=user, p=payload: u.data == p, 10, "the echo")
+            user.transport.loseConnection()
+            yield user.done
+        server = deployment.server
+        key = ("127.0.0.1", port, "*")
+        self.assertEqual(server.stats.retries[key], 5)
+        self.assertEqual(server.stats.retry_failures[key], 0)
+        self.assertEqual(len(backend.connections), 5)
+        code, status = yield deployment.get_json("/tunnels/status")
+        self.assertEqual(status["Tunnels"][0]["Serving"], ["A"])

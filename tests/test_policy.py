@@ -16,7 +16,7 @@ from threshold.schema.policy_kinds import CIDR_LIST, parse_ip
 from threshold.server.policy import GatewayPolicy, HitLog, PolicySettings
 from threshold.server.routes import TunnelError, parse_tunnels
 from threshold.server.sources import SourceRateLimiter, source_refusal
-from threshold.server.stats import GatewayStats, Limit, Refusal
+from threshold.server.stats import Flow, GatewayStats, Limit, Refusal
 
 
 def cidrs(*items: str):
@@ -334,3 +334,111 @@ class ConfigTests(SynchronousTestCase):
                 self.parse(**fields)
             self.assertEqual(caught.exception.field, name, str(caught.exception))
             self.assertTrue(str(caught.exception).startswith("server.json: field"))
+
+
+class Transport:
+    """A user's transport or a stream: records pauses."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.paused = True
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.paused = False
+
+
+class Connection:
+    """What the policy sees of a relayed user connection."""
+
+    def __init__(self, client_id: str = "c") -> None:
+        self.transport = Transport()
+        self.peer = type("StreamEnd", (), {"transport": Transport(), "reading": None})()
+        self.flow = Flow(("127.0.0.1", 9000, "*"), client_id)
+        self.cut = False
+
+    def give_up(self, abort: bool = False) -> None:
+        self.cut = abort
+
+
+class MeterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.stats = GatewayStats()
+
+    def policy(self, **settings) -> GatewayPolicy:
+        return GatewayPolicy(PolicySettings(**settings), self.clock, self.stats)
+
+    def test_no_limit_no_meter(self):
+        """Without bandwidth or quota a connection has no meter at all."""
+        self.assertIsNone(self.policy().meter(Connection(), tunnel()))
+
+    def test_upload_and_download_paused_apart(self):
+        """The user's transport pauses for upload, the stream for download."""
+        policy = self.policy()
+        conn = Connection()
+        meter = policy.meter(conn, tunnel(BandwidthBytesPerSecond=1000))
+        conn.flow.bytes_in += 5000
+        meter.upload(5000)
+        self.assertTrue(conn.transport.paused)
+        self.assertFalse(conn.peer.transport.paused)
+        conn.flow.bytes_out += 5000
+        meter.download(5000)
+        self.assertTrue(conn.peer.transport.paused)
+        self.clock.advance(5)
+        self.assertFalse(conn.transport.paused or conn.peer.transport.paused)
+        meter.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_put_changes_the_rate_of_running_connections(self):
+        """A new rate for the tunnel applies to its running connections at once."""
+        policy = self.policy()
+        conn = Connection()
+        slow = tunnel(BandwidthBytesPerSecond=100)
+        meter = policy.meter(conn, slow)
+        meter.upload(1100)  # 1,000 bytes in debt: 10 s at 100 B/s
+        self.assertTrue(conn.transport.paused)
+        policy.tunnels_applied([tunnel(BandwidthBytesPerSecond=1_000_000)])
+        self.clock.advance(0.05)  # a wake-up share of the new rate
+        self.assertFalse(conn.transport.paused)
+        # Lifting the limit frees them too.
+        meter.upload(5_000_000)
+        self.assertTrue(conn.transport.paused)
+        policy.tunnels_applied([tunnel()])
+        self.clock.advance(0.05)  # a wake-up share of the new rate
+        self.assertFalse(conn.transport.paused)
+        meter.upload(10**9)
+        self.assertFalse(conn.transport.paused)
+        meter.close()
+
+    def test_quota_cut_cuts_every_running_connection(self):
+        """Crossing a quota with "cut" cuts the client's running connections."""
+        policy = self.policy(
+            client_policies={
+                "c": ClientPolicy(quota_bytes=100, quota_exceeded_action="cut")
+            }
+        )
+        first, second = Connection(), Connection()
+        meters = [policy.meter(c, tunnel()) for c in (first, second)]
+        first.flow.bytes_in += 60
+        meters[0].upload(60)
+        self.assertFalse(first.cut or second.cut)
+        second.flow.bytes_out += 40
+        meters[1].download(40)
+        self.assertTrue(first.cut and second.cut)
+        self.assertEqual(self.stats.refused[Refusal.QUOTA_CUT], 2)
+        self.assertEqual(policy.quota.view("c")["QuotaUsedBytes"], 100)
+
+    def test_refuse_new_lets_running_finish(self):
+        """With "refuse-new" the running connection goes on past the quota."""
+        policy = self.policy(client_policies={"c": ClientPolicy(quota_bytes=100)})
+        conn = Connection()
+        meter = policy.meter(conn, tunnel())
+        conn.flow.bytes_in += 500
+        meter.upload(500)
+        self.assertFalse(conn.cut)
+        self.assertEqual(
+            policy.check(v4("192.0.2.1"), tunnel(), ["c"]).reason,
+            Refusal.QUOTA_EXCEEDED,
+        )

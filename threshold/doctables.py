@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from threshold.config import CLIENT, SERVER
 from threshold.config.client import HEALTH_CHECK, SERVER_ENTRY
+from threshold.config.policy import CLIENT_POLICY
 from threshold.mux.settings import SESSION
 from threshold.schema import Schema
 from threshold.server.tunnels import TUNNEL
@@ -35,10 +36,11 @@ TABLES: dict[str, Schema] = {
     "healthchecks": HEALTH_CHECK,
     "session": SESSION,
     "tunnel": TUNNEL,
+    "clientpolicy": CLIENT_POLICY,
 }
 
 #: The documents holding generated tables, relative to the checkout.
-DOCS = ("docs/configuration.md", "docs/api.md")
+DOCS = ("docs/configuration.md", "docs/api.md", "docs/policy.md")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

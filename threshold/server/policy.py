@@ -86,6 +86,11 @@ class RelayedConnection(Protocol):
         ...
 
 
+#: The rate a bucket gets when its limit is lifted (bytes per second): its
+#: connections run free from then on.
+UNLIMITED = 10**15
+
+
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """The checks one tunnel entry needs: non-empty lists, its rate."""
@@ -471,13 +476,16 @@ class GatewayPolicy:
     def tunnels_applied(self, tunnels: Sequence[Tunnel]) -> None:
         """A new tunnel set is in force: follow its bandwidth, forget the rest.
 
-        Connections running on a dropped tunnel keep their buckets.
+        Connections running on a tunnel whose limit is lifted (or that is
+        gone) run free from then on; a changed rate applies to them at once.
         """
         self._plans.clear()
         limited = {t.key: t for t in tunnels if t.bandwidth}
         for key in list(self.tunnel_buckets):
             if key not in limited:
-                del self.tunnel_buckets[key]
+                # Its running connections go free (and waiting ones resume).
+                for bucket in self.tunnel_buckets.pop(key):
+                    bucket.set_rate(UNLIMITED, UNLIMITED)
         for tunnel in limited.values():
             if tunnel.key in self.tunnel_buckets:
                 self._tunnel_buckets(tunnel)

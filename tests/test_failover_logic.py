@@ -174,10 +174,7 @@ class FailoverTests(Case):
         self.assertEqual(len(gateway.sides["late"].accepted), 1)
         self.assertEqual(
             self.serving_lines(),
-            [
-                "tunnel 127.0.0.1:9000 web: serving late"
-                " (was nobody: late healthy again)"
-            ],
+            ["tunnel 127.0.0.1:9000 web: serving late (was nobody: late healthy)"],
         )
         self.assertEqual(gateway.stats.failovers[KEY], 0)
 

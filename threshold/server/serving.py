@@ -89,6 +89,15 @@ def _failed_over(before: TunnelView, after: TunnelView) -> bool:
     return not any(c.client_id == was and c.healthy for c in after.clients)
 
 
+def _replaced(view: TunnelView, tunnel: Tunnel) -> bool:
+    """Whether ``tunnel`` is not the entry ``view`` was computed for.
+
+    The front end passes the route table's own objects: the identity check
+    answers at once, the comparison only for a tunnel not in force.
+    """
+    return view.tunnel is not tunnel and view.tunnel != tunnel
+
+
 def _names(clients: Sequence[str]) -> str:
     return ", ".join(clients) if clients else "nobody"
 
@@ -146,7 +155,7 @@ class ServingTable:
         """
         key = tunnel.key
         view = self._views.get(key)
-        if view is None or view.tunnel != tunnel:
+        if view is None or _replaced(view, tunnel):
             # Not (or no longer) in force: judged on the spot.
             view = self._compute(tunnel)
         if not view.healthy:
@@ -166,7 +175,7 @@ class ServingTable:
     def is_healthy(self, tunnel: Tunnel, client_id: str) -> bool:
         """Whether ``client_id`` may take ``tunnel``'s connections now."""
         view = self._views.get(tunnel.key)
-        if view is None or view.tunnel != tunnel:
+        if view is None or _replaced(view, tunnel):
             view = self._compute(tunnel)
         return client_id in view.healthy
 
@@ -175,7 +184,7 @@ class ServingTable:
     def view(self, tunnel: Tunnel) -> TunnelView:
         """The state of one tunnel's clients (judged on the spot if not in force)."""
         view = self._views.get(tunnel.key)
-        if view is None or view.tunnel != tunnel:
+        if view is None or _replaced(view, tunnel):
             return self._compute(tunnel)
         return view
 
@@ -220,5 +229,6 @@ class ServingTable:
                 return f"{prefix}{state.why}"
         came = [c for c in after.serving if c not in before.serving]
         if came:
-            return f"{_names(came)} healthy again"
+            again = " again" if before.serving else ""
+            return f"{_names(came)} healthy{again}"
         return TUNNEL_SET_CHANGED

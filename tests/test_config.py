@@ -26,6 +26,8 @@ from threshold.config import (
     parse_server_config,
 )
 from threshold.config.client import HealthCheck as ServiceCheck
+from threshold.config.policy import ClientPolicy
+from threshold.schema.policy_kinds import CIDR_LIST
 
 
 class TempDirMixin:
@@ -146,6 +148,14 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             SourceIpv6PrefixLength=48,
             ShutdownGraceSeconds=1.5,
             ManagementSocket="mgmt.sock",
+            DefaultAllowSourceCidrs=["192.0.2.0/24"],
+            DefaultDenySourceCidrs=["2001:db8::/32"],
+            DefaultMaxNewConnectionsPerSecondPerSourceIp=2.5,
+            DefaultNewConnectionBurst=7,
+            RateLimitMaxSources=2048,
+            ClientPolicies={"home-a": {"QuotaBytes": 5, "QuotaPeriod": "day"}},
+            DefaultClientPolicy={"BandwidthBytesPerSecond": 1000},
+            QuotaSaveIntervalSeconds=3,
         )
         config = self.parse(obj)
         expected = {
@@ -182,6 +192,16 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             "source_ipv6_prefix_length": 48,
             "shutdown_grace_seconds": 1.5,
             "management_socket": os.path.join(self.dir, "mgmt.sock"),
+            "default_allow_source_cidrs": CIDR_LIST.check(["192.0.2.0/24"]),
+            "default_deny_source_cidrs": CIDR_LIST.check(["2001:db8::/32"]),
+            "default_new_connection_rate": 2.5,
+            "default_new_connection_burst": 7,
+            "rate_limit_max_sources": 2048,
+            "client_policies": {
+                "home-a": ClientPolicy(quota_bytes=5, quota_period="day")
+            },
+            "default_client_policy": dataclasses.asdict(ClientPolicy(bandwidth=1000)),
+            "quota_save_interval_seconds": 3.0,
             "source": "server.json",
         }
         self.assertEqual(

@@ -9,9 +9,8 @@ not listed there has ``DefaultClientPolicy``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from threshold.schema import (
@@ -30,10 +29,12 @@ __all__ = [
     "CLIENT_POLICIES",
     "CLIENT_POLICY",
     "MAX_CLIENT_POLICIES",
+    "NO_CLIENT_POLICIES",
     "NO_CLIENT_POLICY",
     "QUOTA_ACTIONS",
     "QUOTA_PERIODS",
     "ClientPolicy",
+    "FrozenMap",
 ]
 
 #: Values of ``QuotaPeriod`` and ``QuotaExceededAction``.
@@ -139,6 +140,38 @@ class _ClientPolicyKind(Kind):
         return value.to_json()
 
 
+class FrozenMap(Mapping[str, ClientPolicy]):
+    """A read-only mapping that, being immutable, copies as itself.
+
+    (``MappingProxyType`` is read-only too, but cannot be deep-copied, so a
+    config holding one could not go through ``dataclasses.asdict``.)
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, ClientPolicy]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> ClientPolicy:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._items!r})"
+
+    def __deepcopy__(self, memo: dict[int, object]) -> FrozenMap:
+        return self
+
+
+#: No client listed.
+NO_CLIENT_POLICIES = FrozenMap({})
+
+
 class _ClientPoliciesKind(Kind):
     expected = 'an object of "ClientId": {client policy}'
     doc = "object (see docs/policy.md)"
@@ -162,7 +195,7 @@ class _ClientPoliciesKind(Kind):
                 policies[client_id] = CLIENT_POLICY_KIND.check(entry)
             except SchemaError as e:
                 raise e.within(f".{client_id}") from None
-        return MappingProxyType(policies)
+        return FrozenMap(policies)
 
     def to_json(self, value: Any) -> object:
         return {client_id: p.to_json() for client_id, p in value.items()}

@@ -10,12 +10,12 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from threshold.config.policy import (
     CLIENT_POLICIES,
     CLIENT_POLICY_KIND,
+    NO_CLIENT_POLICIES,
     NO_CLIENT_POLICY,
     ClientPolicy,
 )
@@ -421,7 +421,7 @@ class ServerConfig:
     client_policies: Mapping[str, ClientPolicy] = field(
         "ClientPolicies",
         CLIENT_POLICIES,
-        MappingProxyType({}),
+        NO_CLIENT_POLICIES,
         doc='Per client, across all its tunnels: `{"home-a": {"QuotaBytes": ...}}`'
         " (source lists, bandwidth, quota; see docs/policy.md). A client listed"
         " here has only its entry; others have `DefaultClientPolicy`.",

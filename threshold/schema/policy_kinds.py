@@ -120,6 +120,9 @@ class CidrList:
     def __repr__(self) -> str:
         return f"CidrList({list(self.cidrs)!r})"
 
+    def __deepcopy__(self, memo: dict[int, object]) -> CidrList:
+        return self  # immutable
+
 
 @lru_cache(maxsize=512)
 def _compiled(cidrs: tuple[str, ...]) -> CidrList:

@@ -292,6 +292,18 @@ class FleetFaultTests(TestCase):
         self.assertIsNotNone(b.server.routes.listening_port(key_of(last)))
 
     @inlineCallbacks
+    def test_hello_reply_names_the_gateway(self):
+        """In a fleet the hello reply carries GatewayId: the client knows
+        which gateway each of its sessions is with."""
+        a = gateway(self, shared_etcd(), prefix(), "eu-1")
+        yield wait_ready(a)
+        client = a.start_client("c1", {"web": ("127.0.0.1", 1)})
+        yield a.wait_connected("c1")
+        links = [s.link for s in client if hasattr(s, "link")]
+        yield wait_until(lambda: links[0].gateway_id is not None, 5, "the hello reply")
+        self.assertEqual([link.gateway_id for link in links], ["eu-1"])
+
+    @inlineCallbacks
     def test_killed_gateway_drops_out(self):
         """GET /clients shows the fleet's clients; a gateway killed for real
         drops out (its clients with it) within the lease TTL."""

@@ -91,6 +91,9 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         max_pending_per_source=config.max_pending_handshakes_per_source_ip,
         ipv6_prefix=config.source_ipv6_prefix_length,
         session=session_config(config),
+        # In a fleet the hello reply names the gateway, so a client of
+        # several gateways can tell its sessions apart.
+        gateway_id=config.cluster.gateway_id if config.cluster else None,
     )
     server = TunnelServer(
         listen,

@@ -30,7 +30,7 @@ import math
 from collections.abc import Mapping, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
@@ -38,17 +38,16 @@ from threshold.config.policy import NO_CLIENT_POLICY, ClientPolicy
 from threshold.logs import observer as log_observer
 from threshold.schema.policy_kinds import EMPTY_CIDRS, CidrList, parse_ip
 from threshold.server.addresses import DEFAULT_IPV6_PREFIX, UNKNOWN_SOURCE
+from threshold.server.bandwidth import BandwidthBook, tunnel_name
 from threshold.server.quota import QuotaAccount, QuotaBook, QuotaKeeper, QuotaStore
-from threshold.server.shaping import Bucket, Direction, FlowMeter
+from threshold.server.shaping import Bucket, FlowMeter, RelayedConnection
 from threshold.server.sources import SourceRateLimiter, source_refusal
 from threshold.server.stats import Limit, Refusal
-from threshold.server.tunnels import format_address
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
-    from twisted.internet.interfaces import IReactorTime, ITransport
+    from twisted.internet.interfaces import IReactorTime
 
-    from threshold.relay import RelayEnd
     from threshold.server.stats import Flow, GatewayStats
     from threshold.server.tunnels import Tunnel, TunnelKey
 
@@ -71,24 +70,6 @@ class Denied:
     reason: Refusal
     limit: Limit | None
     why: str
-
-
-class RelayedConnection(Protocol):
-    """What the policy needs of a user's connection (the front end's)."""
-
-    transport: ITransport
-    #: The stream's end of the relay, once spliced.
-    peer: RelayEnd | None
-    flow: Flow | None
-
-    def give_up(self, abort: bool = False) -> None:
-        """Close the connection (abort: reset it)."""
-        ...
-
-
-#: The rate a bucket gets when its limit is lifted (bytes per second): its
-#: connections run free from then on.
-UNLIMITED = 10**15
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,11 +178,6 @@ class HitLog:
         return True
 
 
-def _tunnel_name(key: TunnelKey) -> str:
-    address, port, glob = key
-    return f"tunnel {format_address(address, port)} {glob}"
-
-
 class GatewayPolicy:
     """The access policy of one gateway: checks, buckets, quota accounts."""
 
@@ -233,10 +209,8 @@ class GatewayPolicy:
         self._client_checks = self._default_rules is not None or any(
             self._client_rules.values()
         )
-        #: (tunnel key) -> (upload, download) buckets of limited tunnels.
-        self.tunnel_buckets: dict[TunnelKey, tuple[Bucket, Bucket]] = {}
-        #: client id -> (upload, download) buckets of limited clients.
-        self.client_buckets: dict[str, tuple[Bucket, Bucket]] = {}
+        #: The buckets of limited tunnels and clients.
+        self.bandwidth = BandwidthBook(clock, self.client_policy, self._limiting)
         for client_id in settings.client_policies:
             self.quota.account(client_id)  # shown (and resettable) at once
 
@@ -341,10 +315,10 @@ class GatewayPolicy:
         self, reason: Refusal, tunnel: Tunnel, client_id: str, host: str | None
     ) -> Denied:
         self.stats.refuse_by_policy(reason, tunnel.key, client_id)
-        why = f"{reason.value} (source {host or 'unknown'}, client {client_id})"
+        why = f"source {host or 'unknown'}, client {client_id}"
         if reason is not Refusal.QUOTA_EXCEEDED:  # said once when it was crossed
-            self.hits.hit(_tunnel_name(tunnel.key), reason.value, why)
-        return Denied(reason, None, why)
+            self.hits.hit(tunnel_name(tunnel.key), reason.value, why)
+        return Denied(reason, None, f"{reason.value} ({why})")
 
     # -- relaying -----------------------------------------------------------
 
@@ -356,7 +330,7 @@ class GatewayPolicy:
             self.client_policy(c).empty for c in tunnel.client_ids
         ):
             return None
-        up, down = self._directions(public, tunnel, flow.client_id)
+        up, down = self.bandwidth.directions(public, tunnel, flow.client_id)
         meter = FlowMeter(
             flow,
             self.clock,
@@ -368,86 +342,16 @@ class GatewayPolicy:
         )
         return meter
 
-    def _directions(
-        self, public: RelayedConnection, tunnel: Tunnel, client_id: str
-    ) -> tuple[Direction | None, Direction | None]:
-        ups: list[Bucket] = []
-        downs: list[Bucket] = []
-        if tunnel.bandwidth:
-            up, down = self._tunnel_buckets(tunnel)
-            ups.append(up)
-            downs.append(down)
-        client = self._client_buckets(client_id)
-        if client is not None:
-            ups.append(client[0])
-            downs.append(client[1])
-        if not ups:
-            return None, None
-
-        def stream() -> Any:
-            peer = public.peer
-            return peer.transport if peer is not None else None
-
-        def user() -> Any:
-            return public.transport
-
-        def stream_reading() -> Any:
-            # The stream's producer is the relay's stand-in for the user.
-            return getattr(public.peer, "reading", None)
-
-        clock = self.clock
-        return (
-            Direction(clock, tuple(ups), user, stream_reading),
-            Direction(clock, tuple(downs), stream, user),
-        )
-
     def _rebind(
         self, meter: FlowMeter, public: RelayedConnection, tunnel: Tunnel
     ) -> None:
         for direction in (meter.up, meter.down):
             if direction is not None:
                 direction.close()
-        meter.up, meter.down = self._directions(public, tunnel, meter.client_id)
+        meter.up, meter.down = self.bandwidth.directions(
+            public, tunnel, meter.client_id
+        )
         meter.account = self.quota.account(meter.client_id)
-
-    def _tunnel_buckets(self, tunnel: Tunnel) -> tuple[Bucket, Bucket]:
-        buckets = self.tunnel_buckets.get(tunnel.key)
-        rate, burst = tunnel.bandwidth, tunnel.bandwidth_burst
-        if buckets is None:
-            name = _tunnel_name(tunnel.key)
-            buckets = self.tunnel_buckets[tunnel.key] = (
-                self._bucket(rate, burst, name, "upload"),
-                self._bucket(rate, burst, name, "download"),
-            )
-        elif buckets[0].rate != rate or buckets[0].burst != (burst or rate):
-            for bucket in buckets:
-                bucket.set_rate(rate, burst)
-        return buckets
-
-    def _client_buckets(self, client_id: str) -> tuple[Bucket, Bucket] | None:
-        buckets = self.client_buckets.get(client_id)
-        if buckets is None:
-            policy = self.client_policy(client_id)
-            if not policy.bandwidth:
-                return None
-            rate, burst = policy.bandwidth, policy.bandwidth_burst
-            name = f"client {client_id}"
-            buckets = self.client_buckets[client_id] = (
-                self._bucket(rate, burst, name, "upload"),
-                self._bucket(rate, burst, name, "download"),
-            )
-        return buckets
-
-    def _bucket(self, rate: int, burst: int, name: str, direction: str) -> Bucket:
-        def limited(bucket: Bucket) -> None:
-            self.stats.limit_hit(Limit.BANDWIDTH)
-            self.hits.hit(
-                name,
-                f"bandwidth_{direction}",
-                f"{direction} held to {int(bucket.rate)} bytes/s",
-            )
-
-        return Bucket(self.clock, rate, burst, on_limited=limited)
 
     def _cut(self, public: RelayedConnection, tunnel: Tunnel, flow: Flow) -> None:
         self.stats.refuse_by_policy(Refusal.QUOTA_CUT, tunnel.key, flow.client_id)
@@ -474,21 +378,17 @@ class GatewayPolicy:
     # -- changes and views --------------------------------------------------
 
     def tunnels_applied(self, tunnels: Sequence[Tunnel]) -> None:
-        """A new tunnel set is in force: follow its bandwidth, forget the rest.
-
-        Connections running on a tunnel whose limit is lifted (or that is
-        gone) run free from then on; a changed rate applies to them at once.
-        """
+        """A new tunnel set is in force: plans worked out again, buckets follow."""
         self._plans.clear()
-        limited = {t.key: t for t in tunnels if t.bandwidth}
-        for key in list(self.tunnel_buckets):
-            if key not in limited:
-                # Its running connections go free (and waiting ones resume).
-                for bucket in self.tunnel_buckets.pop(key):
-                    bucket.set_rate(UNLIMITED, UNLIMITED)
-        for tunnel in limited.values():
-            if tunnel.key in self.tunnel_buckets:
-                self._tunnel_buckets(tunnel)
+        self.bandwidth.tunnels_applied(tunnels)
+
+    def _limiting(self, name: str, direction: str, bucket: Bucket) -> None:
+        self.stats.limit_hit(Limit.BANDWIDTH)
+        self.hits.hit(
+            name,
+            f"bandwidth_{direction}",
+            f"{direction} held to {int(bucket.rate)} bytes/s",
+        )
 
     def reset_quota(self, client_id: str) -> QuotaAccount | None:
         """Start a client's quota count over (saved at once); None without one."""
@@ -516,7 +416,7 @@ class GatewayPolicy:
     def client_view(self, client_id: str) -> dict[str, Any]:
         """The policy fields ``GET /clients`` adds to a client."""
         view = self.quota.view(client_id)
-        buckets = self.client_buckets.get(client_id)
+        buckets = self.bandwidth.client_buckets.get(client_id)
         view["Bandwidth"] = (
             {"Upload": buckets[0].view(), "Download": buckets[1].view()}
             if buckets is not None
@@ -527,7 +427,7 @@ class GatewayPolicy:
 
     def tunnel_view(self, tunnel: Tunnel) -> dict[str, Any]:
         """The policy state of one tunnel in force (``GET /tunnels/status``)."""
-        buckets = self.tunnel_buckets.get(tunnel.key)
+        buckets = self.bandwidth.tunnel_buckets.get(tunnel.key)
         return {
             "Refused": self.refused(tunnel=tunnel.key),
             "Bandwidth": {"Upload": buckets[0].view(), "Download": buckets[1].view()}

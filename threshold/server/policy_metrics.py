@@ -88,7 +88,8 @@ class PolicyCollector(Collector):
             "Seconds a tunnel's BandwidthBytesPerSecond held a direction back.",
             labels=[*_TUNNEL, "direction"],
         )
-        for (address, port, glob), buckets in sorted(policy.tunnel_buckets.items()):
+        book = policy.bandwidth
+        for (address, port, glob), buckets in sorted(book.tunnel_buckets.items()):
             for direction, bucket in zip(_DIRECTIONS, buckets, strict=True):
                 tunnel_limited.add_metric(
                     [address, str(port), glob, direction], bucket.limited_seconds()
@@ -99,7 +100,7 @@ class PolicyCollector(Collector):
             "Seconds a client's BandwidthBytesPerSecond held a direction back.",
             labels=["client_id", "direction"],
         )
-        for client_id, buckets in sorted(policy.client_buckets.items()):
+        for client_id, buckets in sorted(book.client_buckets.items()):
             for direction, bucket in zip(_DIRECTIONS, buckets, strict=True):
                 client_limited.add_metric(
                     [client_id, direction], bucket.limited_seconds()

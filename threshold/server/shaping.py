@@ -26,21 +26,42 @@ applies to it (bandwidth, quota); without one it has no meter at all.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IPushProducer
+    from twisted.internet.interfaces import IPushProducer, ITransport
 
+    from threshold.relay import RelayEnd
     from threshold.server.quota import QuotaAccount
     from threshold.server.stats import Flow
 
-__all__ = ["Bucket", "Direction", "FlowMeter", "burst_of", "consumer_holds"]
+__all__ = [
+    "Bucket",
+    "Direction",
+    "FlowMeter",
+    "RelayedConnection",
+    "burst_of",
+    "consumer_holds",
+]
 
 #: A waiting direction is woken when a bucket holds this share of a second's
 #: tokens again (at most 50 wake-ups a second), or its whole burst if less.
 WAKE_SHARE = 0.02
+
+
+class RelayedConnection(Protocol):
+    """What the policy needs of a user's connection (the front end's)."""
+
+    transport: ITransport
+    #: The stream's end of the relay, once spliced.
+    peer: RelayEnd | None
+    flow: Flow | None
+
+    def give_up(self, abort: bool = False) -> None:
+        """Close the connection (abort: reset it)."""
+        ...
 
 
 def burst_of(rate: int, burst: int) -> int:

@@ -27,6 +27,7 @@ from threshold.config import (
 )
 from threshold.config.client import HealthCheck as ServiceCheck
 from threshold.config.policy import ClientPolicy
+from threshold.config.server import ClusterSettings
 from threshold.schema.policy_kinds import CIDR_LIST
 
 
@@ -156,6 +157,8 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             ClientPolicies={"home-a": {"QuotaBytes": 5, "QuotaPeriod": "day"}},
             DefaultClientPolicy={"BandwidthBytesPerSecond": 1000},
             QuotaSaveIntervalSeconds=3,
+            Cluster={"EtcdEndpoints": ["http://127.0.0.1:2379"], "GatewayId": "eu-1"},
+            ReusePort=False,
         )
         config = self.parse(obj)
         expected = {
@@ -202,6 +205,12 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             },
             "default_client_policy": dataclasses.asdict(ClientPolicy(bandwidth=1000)),
             "quota_save_interval_seconds": 3.0,
+            "cluster": dataclasses.asdict(
+                ClusterSettings(
+                    etcd_endpoints=("http://127.0.0.1:2379",), gateway_id="eu-1"
+                )
+            ),
+            "reuse_port": False,
             "source": "server.json",
         }
         self.assertEqual(

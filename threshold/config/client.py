@@ -168,13 +168,7 @@ class _HealthChecks(Kind):
             raise self.wrong(value)
         checks: dict[str, HealthCheck] = {}
         for service, item in value.items():
-            try:
-                SERVICE_NAME.check(service)
-            except SchemaError:
-                raise SchemaError(
-                    f"invalid service name {show(service)}: expected"
-                    f" {SERVICE_NAME.expected}"
-                ) from None
+            SERVICE_NAME.check_key(service)
             check: HealthCheck = _entry(HEALTH_CHECK, item, f".{service}", base_dir)
             if check.interval_seconds < MIN_HEALTH_INTERVAL:
                 raise SchemaError(

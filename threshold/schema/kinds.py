@@ -196,6 +196,15 @@ class _ServiceName(Kind):
             raise self.wrong(value)
         return value
 
+    def check_key(self, value: object) -> str:
+        """A service name used as a mapping's key (the error names no field)."""
+        try:
+            return self.check(value)
+        except SchemaError:
+            raise SchemaError(
+                f"invalid service name {show(value)}: expected {self.expected}"
+            ) from None
+
 
 def is_dns_name(name: str, *, resolver: bool = False) -> bool:
     """Tell whether ``name`` (no trailing dot) is a DNS name of ASCII labels.
@@ -386,13 +395,7 @@ class _ServiceMap(Kind):
             raise self.wrong(value)
         services: dict[str, tuple[str, int]] = {}
         for service, address in value.items():
-            try:
-                SERVICE_NAME.check(service)
-            except SchemaError:
-                raise SchemaError(
-                    f"invalid service name {show(service)}: expected"
-                    f" {SERVICE_NAME.expected}"
-                ) from None
+            SERVICE_NAME.check_key(service)
             if isinstance(address, tuple):  # an attribute value, already parsed
                 address = format_address(*address)
             if not isinstance(address, str):

@@ -96,12 +96,9 @@ def _checked_states(states: Mapping[str, bool]) -> dict[str, bool]:
     checked: dict[str, bool] = {}
     for name, state in states.items():
         try:
-            SERVICE_NAME.check(name)
-        except SchemaError:
-            raise ControlError(
-                f"health: invalid service name {show(name)}: expected"
-                f" {SERVICE_NAME.expected}"
-            ) from None
+            SERVICE_NAME.check_key(name)
+        except SchemaError as e:
+            raise ControlError(f"health: {e}") from None
         if not isinstance(state, bool):
             raise ControlError(
                 f"health.{name}: expected true or false, got {show(state)}"

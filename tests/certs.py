@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 from threshold.keygen import make_ca, make_client_cert, make_server_cert, write_pair
 
@@ -99,49 +100,42 @@ def test_pki() -> TestPki:
 _rsa_cache: tuple[str, str] | None = None
 
 
-def rsa_server_files() -> tuple[str, str]:
-    """An RSA server certificate and key from the test CA: (cert, key) paths.
-
-    threshold's own keys are ECDSA, but an operator may bring an RSA
-    certificate, and only with one can a client ask for static-RSA key
-    exchange. Made on first use (RSA key generation takes a moment).
-    """
-    global _rsa_cache
-    if _rsa_cache is not None:
-        return _rsa_cache
+def signed_by_test_ca(
+    name: str, key: Any, common_name: str, ips: tuple[str, ...], usages: list[Any]
+) -> tuple[str, str]:
+    """A certificate for ``key`` signed by the test CA, for localhost and
+    ``ips``, with extended key ``usages``: written as ``name``.crt and .key
+    in the test PKI's directory; (cert, key) paths."""
     import datetime
     import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
     pki = test_pki()
     with open(pki.ca_cert, "rb") as f:
         ca_cert = x509.load_pem_x509_certificate(f.read())
     with open(pki.ca_key, "rb") as f:
         ca_key = serialization.load_pem_private_key(f.read(), password=None)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = datetime.datetime.now(datetime.UTC)
-    san = [x509.DNSName("localhost")]
-    san += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1")]
+    san: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    san += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .subject_name(subject)
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
-    cert_path = os.path.join(pki.directory, "rsa-server.crt")
-    key_path = os.path.join(pki.directory, "rsa-server.key")
+    cert_path = os.path.join(pki.directory, f"{name}.crt")
+    key_path = os.path.join(pki.directory, f"{name}.key")
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(key_path, "wb") as f:
@@ -152,7 +146,29 @@ def rsa_server_files() -> tuple[str, str]:
                 serialization.NoEncryption(),
             )
         )
-    _rsa_cache = (cert_path, key_path)
+    return cert_path, key_path
+
+
+def rsa_server_files() -> tuple[str, str]:
+    """An RSA server certificate and key from the test CA: (cert, key) paths.
+
+    threshold's own keys are ECDSA, but an operator may bring an RSA
+    certificate, and only with one can a client ask for static-RSA key
+    exchange. Made on first use (RSA key generation takes a moment).
+    """
+    global _rsa_cache
+    if _rsa_cache is None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        _rsa_cache = signed_by_test_ca(
+            "rsa-server",
+            key,
+            "localhost",
+            ("127.0.0.1", "::1"),
+            [ExtendedKeyUsageOID.SERVER_AUTH],
+        )
     return _rsa_cache
 
 

@@ -27,9 +27,7 @@ from __future__ import annotations
 import atexit
 import base64
 import ctypes
-import datetime
 import http.client
-import ipaddress
 import json
 import os
 import shutil
@@ -42,13 +40,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet import defer, task
 
-from tests.certs import test_pki
+from tests.certs import signed_by_test_ca, test_pki
 from tests.components import require_tool
 
 __all__ = [
@@ -116,45 +112,17 @@ _tls_cache: EtcdTlsFiles | None = None
 
 
 def etcd_tls_files() -> EtcdTlsFiles:
-    """etcd's certificate from the test CA, for 127.0.0.1 and localhost."""
+    """etcd's certificate from the test CA, for 127.0.0.1 and localhost.
+
+    etcd's JSON gateway presents it as a client certificate to etcd's own
+    gRPC port under --client-cert-auth, so it needs clientAuth as well.
+    """
     global _tls_cache
-    if _tls_cache is not None:
-        return _tls_cache
-    pki = test_pki()
-    with open(pki.ca_cert, "rb") as f:
-        ca_cert = x509.load_pem_x509_certificate(f.read())
-    with open(pki.ca_key, "rb") as f:
-        ca_key = serialization.load_pem_private_key(f.read(), password=None)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
-    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "etcd")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    cert_path = os.path.join(pki.directory, "etcd.crt")
-    key_path = os.path.join(pki.directory, "etcd.key")
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    _tls_cache = EtcdTlsFiles(pki.ca_cert, cert_path, key_path)
+    if _tls_cache is None:
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert, key_path = signed_by_test_ca("etcd", key, "etcd", ("127.0.0.1",), usages)
+        _tls_cache = EtcdTlsFiles(test_pki().ca_cert, cert, key_path)
     return _tls_cache
 
 

@@ -27,14 +27,19 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sshtunnel import OpenSsh, SshServer, privsep_directory, sends_ssh_banner
-from tunnel_bench import TWISTD, BenchError, Children, free_port, rss_bytes
+from tunnel_bench import (
+    TWISTD,
+    BenchError,
+    Children,
+    free_port,
+    management_call,
+    rss_bytes,
+)
 
 #: The file nginx serves, and its size.
 PAGE = "/1k.bin"
@@ -469,20 +474,7 @@ class Threshold(Tunnel):
 
     def api(self, method: str, path: str, body: object = None) -> bytes:
         """One management API call; the answer's body."""
-        scheme = "https" if self.tls else "http"
-        url = f"{scheme}://127.0.0.1:{self.management}{path}"
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=10, context=self._ssl) as r:
-                return r.read()
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")
-            raise BenchError(f"{method} {path}: HTTP {e.code}: {detail}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise BenchError(f"{method} {url}: {e}") from None
+        return management_call(self.management, self._ssl, method, path, body)
 
     def processes(self) -> Groups:
         return [self.server.pid], [self.client.pid]

@@ -109,6 +109,31 @@ class BenchError(Exception):
     """The benchmark cannot go on; the message says why."""
 
 
+def management_call(
+    port: int,
+    context: ssl.SSLContext | None,
+    method: str,
+    path: str,
+    body: object = None,
+) -> bytes:
+    """One call to a gateway's management API on 127.0.0.1 (HTTPS when
+    ``context`` is given); the answer's body, or BenchError saying why not."""
+    scheme = "https" if context is not None else "http"
+    url = f"{scheme}://127.0.0.1:{port}{path}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as r:
+            return r.read()
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")
+        raise BenchError(f"{method} {path}: HTTP {e.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise BenchError(f"{method} {url}: {e}") from None
+
+
 def say(*parts: object) -> None:
     """Progress on stderr."""
     print(*parts, file=sys.stderr, flush=True)
@@ -520,21 +545,7 @@ class Deployment:
 
     def api(self, method: str, path: str, body: object = None) -> bytes:
         """One management API call; the answer's body."""
-        scheme = "https" if self.tls else "http"
-        url = f"{scheme}://127.0.0.1:{self.management_port}{path}"
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=10, context=self._ssl) as r:
-                return r.read()
-        except urllib.error.HTTPError as e:
-            raise BenchError(
-                f"{method} {path}: HTTP {e.code}: {e.read().decode(errors='replace')}"
-            ) from None
-        except (urllib.error.URLError, OSError) as e:
-            raise BenchError(f"{method} {url}: {e}") from None
+        return management_call(self.management_port, self._ssl, method, path, body)
 
     def processes(self, client_id: str) -> Groups:
         """([server pid], [client pid])."""

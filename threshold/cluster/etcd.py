@@ -43,7 +43,6 @@ from threshold.cluster.kv import (
     RangeResult,
     TxnResult,
     as_key,
-    b64,
     prefix_end,
 )
 from threshold.cluster.transport import (
@@ -236,13 +235,12 @@ class EtcdClient:
 
     def get(self, key: bytes | str) -> Deferred[RangeResult]:
         """Read one key: ``result.single`` is its KeyValue or None."""
-        body = {"key": b64(as_key(key))}
+        body = kv.key_range(as_key(key), prefix=False)
         return self._run("/kv/range", body, _range, idempotent=True)
 
     def get_prefix(self, prefix: bytes | str) -> Deferred[RangeResult]:
         """Read every key under ``prefix``, in key order, at one revision."""
-        key = as_key(prefix)
-        body = {"key": b64(key), "range_end": b64(prefix_end(key))}
+        body = kv.key_range(as_key(prefix), prefix=True)
         return self._run("/kv/range", body, _range, idempotent=True)
 
     def put(self, key: bytes | str, value: bytes, lease: int = 0) -> Deferred[int]:

@@ -294,16 +294,21 @@ class Put:
         return body
 
 
+def key_range(key: bytes, prefix: bool) -> dict[str, Any]:
+    """One key, or every key under it as a prefix, in the gateway's JSON."""
+    body: dict[str, Any] = {"key": b64(key)}
+    if prefix:
+        body["range_end"] = b64(prefix_end(key))
+    return body
+
+
 @dataclass(frozen=True)
 class Delete:
     key: bytes
     prefix: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"key": b64(self.key)}
-        if self.prefix:
-            body["range_end"] = b64(prefix_end(self.key))
-        return body
+        return key_range(self.key, self.prefix)
 
 
 @dataclass(frozen=True)
@@ -312,10 +317,7 @@ class Range:
     prefix: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"key": b64(self.key)}
-        if self.prefix:
-            body["range_end"] = b64(prefix_end(self.key))
-        return body
+        return key_range(self.key, self.prefix)
 
 
 Op = Put | Delete | Range

@@ -30,6 +30,8 @@ from threshold.wire import strictjson
 __all__ = [
     "MAX_LINE",
     "PROTOCOL_VERSION",
+    "PROTO_TCP",
+    "PROTO_UDP",
     "HandshakeError",
     "Hello",
     "HelloReply",
@@ -89,12 +91,32 @@ class HelloReply:
     )
 
 
+#: The ``proto`` of a stream header: a TCP connection (the default) or a
+#: UDP flow (docs/udp.md).
+PROTO_TCP = "tcp"
+PROTO_UDP = "udp"
+
+
 @dataclass(frozen=True)
 class StreamHeader:
-    """The first line of a tunneled stream: which service it is for."""
+    """The first line of a tunneled stream: which service it is for.
+
+    A UDP flow's line is ``{"proto": "udp", "udpService": NAME}`` (and
+    ``"proxyV2": true`` when a PROXY v2 header follows): it has no
+    ``service`` key, so that a client from before UDP, which ignores
+    ``proto``, refuses the stream (missing ``service``: reset) instead of
+    relaying datagrams into a TCP service.
+    """
 
     service: str = field(
         "service", SERVICE_NAME, doc="The service, as in the tunnel's BackEndService."
+    )
+    proto: str = field("proto", TEXT, PROTO_TCP, doc='"tcp" or "udp".')
+    proxy_v2: bool = field(
+        "proxyV2",
+        BOOLEAN,
+        False,
+        doc="UDP: the first framed record is a PROXY v2 header for each datagram.",
     )
 
 
@@ -249,16 +271,38 @@ def parse_hello_reply(line: bytes) -> HelloReply:
     return reply
 
 
-def encode_stream_header(service: str) -> bytes:
-    """Encode the header line that starts a tunneled stream."""
-    return encode_line(
-        {"service": _check(SERVICE_NAME, service, "service", "stream header")}
-    )
+def encode_stream_header(
+    service: str, proto: str = PROTO_TCP, proxy_v2: bool = False
+) -> bytes:
+    """Encode the header line that starts a tunneled stream (or a UDP flow)."""
+    name = _check(SERVICE_NAME, service, "service", "stream header")
+    if proto == PROTO_TCP:
+        return encode_line({"service": name})
+    if proto != PROTO_UDP:
+        raise HandshakeError(f"stream header proto {show(proto)} is not tcp or udp")
+    obj: dict[str, Any] = {"proto": PROTO_UDP, "udpService": name}
+    if proxy_v2:
+        obj["proxyV2"] = True
+    return encode_line(obj)
 
 
 def parse_stream_header(line: bytes) -> StreamHeader:
-    """Parse the header line of a tunneled stream; unknown keys are ignored."""
-    header: StreamHeader = _parse(
-        _STREAM_HEADER, decode_line(line, "stream header"), "stream header"
-    )
+    """Parse the header line of a tunneled stream; unknown keys are ignored.
+
+    An unknown ``proto`` is refused (a later kind of stream this side
+    cannot serve), as is a UDP line without ``udpService``.
+    """
+    obj = decode_line(line, "stream header")
+    proto = obj.get("proto", PROTO_TCP)
+    if proto == PROTO_UDP:
+        fields = {k: v for k, v in obj.items() if k not in ("service", "udpService")}
+        if "udpService" not in obj:
+            raise HandshakeError("stream header of a UDP flow has no udpService")
+        fields["service"] = obj["udpService"]
+        obj = fields
+    elif proto != PROTO_TCP:
+        raise HandshakeError(
+            f"stream header proto {show(proto)} is not supported (tcp, udp)"
+        )
+    header: StreamHeader = _parse(_STREAM_HEADER, obj, "stream header")
     return header

@@ -9,13 +9,12 @@ cannot make the client connect anywhere else.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from threshold.client.endpoints import Cancel, connect_relay
 from threshold.logs import observer as log_observer
 from threshold.relay import PrefixRelay, RelayEnd, RelayState, tune_transport
 from threshold.wire.handshake import HandshakeError, LineBuffer, parse_stream_header
@@ -42,7 +41,7 @@ class ServiceStream(PrefixRelay):
         self.settings = settings
         self.buffer = LineBuffer()
         self.service: str | None = None
-        self._connecting: Deferred[Any] | None = None
+        self._connecting: Cancel | None = None
 
     @property
     def local(self) -> RelayEnd | None:
@@ -71,8 +70,7 @@ class ServiceStream(PrefixRelay):
             return
         self.hold(rest)
         endpoint = self.settings.local_endpoint(*address)
-        self._connecting = endpoint.connect(_OneShotFactory(RelayEnd()))
-        self._connecting.addCallbacks(self._connected, self._failed)
+        self._connecting = connect_relay(endpoint, self._connected, self._failed)
 
     def _reset(self, message: str, **fields: object) -> None:
         # The session's name says which gateway ("session to gw1:9056 ...").
@@ -110,22 +108,4 @@ class ServiceStream(PrefixRelay):
     def relay_closed(self, reason: Failure) -> None:
         """The stream ended: stop connecting to its service, if still at it."""
         if self._connecting is not None:
-            self._connecting.cancel()
-
-
-class _OneShotFactory(Factory):
-    """``connectProtocol``'s factory, without its log lines.
-
-    Twisted's ``connectProtocol`` builds a factory that keeps the default
-    ``noisy = True``: two log lines ("Starting factory", "Stopping
-    factory") per tunneled connection, measured at 18% of the client's busy
-    time at high connection rates (docs/performance.md).
-    """
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: object) -> Protocol:  # noqa: N802
-        return self._protocol
+            self._connecting()

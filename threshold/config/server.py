@@ -358,6 +358,38 @@ class ServerConfig:
         " and SSH, where the server speaks first, are not cut). Stops idle floods"
         " from holding a client's streams. `0`: never.",
     )
+    # UDP tunnels (docs/udp.md).
+    udp_flow_idle_seconds: float = field(
+        "UdpFlowIdleSeconds",
+        Seconds(),
+        30.0,
+        doc="A UDP flow (one user address on one UDP tunnel) ends after this long"
+        " without a datagram either way; its next datagram opens a new one. 30 s"
+        " outlasts WireGuard's 25 s keepalive, and frees a DNS query's flow soon"
+        " after its answer. A tunnel's own `UdpFlowIdleSeconds` wins.",
+    )
+    udp_max_flows_per_tunnel: int = field(
+        "UdpMaxFlowsPerTunnel",
+        Integer(1, 1_000_000),
+        4096,
+        doc="UDP flows open at once on one UDP tunnel; a datagram that would open"
+        " one more is dropped (`limit_udp_flows_tunnel`).",
+    )
+    udp_max_flows_per_source_ip: int = field(
+        "UdpMaxFlowsPerSourceIp",
+        Integer(1, 1_000_000),
+        64,
+        doc="UDP flows one source (an IPv6 /`SourceIpv6PrefixLength`) may have open"
+        " at once, across all UDP tunnels; more are dropped"
+        " (`limit_udp_flows_source_ip`).",
+    )
+    udp_max_datagram_bytes: int = field(
+        "UdpMaxDatagramBytes",
+        Integer(1, 65535),
+        65507,
+        doc="Largest UDP datagram relayed, either way (65507: the largest over"
+        " IPv4); larger ones are dropped and counted (`oversize`).",
+    )
     source_ipv6_prefix_length: int = field(
         "SourceIpv6PrefixLength",
         Integer(1, 128),

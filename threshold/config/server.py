@@ -20,6 +20,7 @@ from threshold.config.policy import (
     ClientPolicy,
 )
 from threshold.mux.settings import SESSION
+from threshold.config.webhooks import WEBHOOKS, WebhookSettings
 from threshold.schema import (
     BOOLEAN,
     CLIENT_ID,
@@ -479,6 +480,48 @@ class ServerConfig:
         doc="Makes this gateway one of a fleet sharing its tunnel set and client"
         " presence through etcd (docs/cluster.md); without it the gateway works"
         " alone.",
+    # The event feed: GET /events and webhooks (docs/events.md).
+    event_history_size: int = field(
+        "EventHistorySize",
+        Integer(10, 1_000_000),
+        1000,
+        doc="Events kept for resuming (`Last-Event-ID`, `?since=`); an older id"
+        " gets a `stream.reset` event naming the oldest kept.",
+    )
+    max_event_subscribers: int = field(
+        "MaxEventSubscribers",
+        Integer(1, 10_000),
+        32,
+        doc="`GET /events` streams open at once; more get 503.",
+    )
+    max_event_backlog: int = field(
+        "MaxEventBacklog",
+        Integer(10, 1_000_000),
+        1000,
+        doc="Events one `GET /events` stream may have waiting for a slow reader;"
+        " past it the stream ends with a `stream.cut` event.",
+    )
+    event_keepalive_seconds: float = field(
+        "EventKeepaliveSeconds",
+        Seconds(),
+        15.0,
+        doc="A comment line on every idle `GET /events` stream this often, so"
+        " proxies and clients notice a dead link.",
+    )
+    limit_event_interval_seconds: float = field(
+        "LimitEventIntervalSeconds",
+        Seconds(),
+        10.0,
+        doc="`limit.hit` events of one limit: the first at once, then at most one"
+        " per interval with the count of hits.",
+    )
+    webhooks: tuple[WebhookSettings, ...] = field(
+        "Webhooks",
+        WEBHOOKS,
+        (),
+        doc='Where the events are also POSTed: `[{"Url": ..., "Events":'
+        ' ["client.*"], "SecretFile": ...}]` (docs/events.md).',
+    )
     )
     reuse_port: bool | None = field(
         "ReusePort",

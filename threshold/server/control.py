@@ -40,6 +40,7 @@ from threshold.mux.session import MuxSession, ProtocolViolation, SessionConfig
 from threshold.relay import tune_transport
 from threshold.server.addresses import DEFAULT_IPV6_PREFIX, source_of
 from threshold.server.admission import Refusal, RefusedConnection, SourceShares
+from threshold.server.certinfo import from_transport
 from threshold.server.control_lines import ControlLines
 from threshold.server.stats import HandshakeFailure, Limit
 from threshold.tls import peer_common_name
@@ -312,8 +313,13 @@ class ControlConnection:
         self._move(ControlState.ACCEPTED)
         self.client_id = hello.client_id
         self.session.name = f"client {hello.client_id} ({self.peer})"
+        cert = from_transport(self.session.transport)
         registry.connected(
-            hello.client_id, self.session, self.peer, retire=self.go_away
+            hello.client_id,
+            self.session,
+            self.peer,
+            retire=self.go_away,
+            certificate_not_after=cert.not_after if cert is not None else None,
         )
         self._channel = ControlLines(
             registry, hello.client_id, self.session, self.clock

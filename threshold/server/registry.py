@@ -40,7 +40,9 @@ __all__ = [
     "STATE_ERROR",
     "STATE_UNKNOWN",
     "TRANSITIONS",
+    "ClientChange",
     "ClientHealth",
+    "ClientNotice",
     "user_streams",
     "ClientRecord",
     "ClientRegistry",
@@ -90,6 +92,30 @@ def unhealthy(service: str, detail: str | None) -> str:
     return f"service {service} unhealthy"
 
 
+class ClientChange(enum.StrEnum):
+    """What a :class:`ClientNotice` tells (the event feed's client events)."""
+
+    CONNECTED = "connected"
+    #: A new session of a connected client replaced its older one.
+    REPLACED = "replaced"
+    DISCONNECTED = "disconnected"
+    #: One service's reported health flipped.
+    HEALTH = "health"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientNotice:
+    """One change of a client, for :meth:`ClientRegistry.watch` listeners.
+
+    ``details``: the old peer (replaced), or the service, its health and
+    the client's words (health).
+    """
+
+    change: ClientChange
+    record: ClientRecord
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
 class ClientHealth:
     """Whether one client can take one tunnel's new connections, and why not.
@@ -137,6 +163,8 @@ class ClientRecord:
     health_reported: float | None = None
     #: Closes the current session with Go Away when a newer one replaces it.
     retire: Callable[[], None] | None = None
+    #: When the current session's TLS certificate ends (None without TLS).
+    certificate_not_after: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The API view of this client."""
@@ -161,6 +189,7 @@ class ClientRecord:
                 for service, ok in sorted(self.health.items())
             },
             "HealthReported": _iso(self.health_reported),
+            "CertificateNotAfter": _iso(self.certificate_not_after),
         }
 
 
@@ -186,11 +215,23 @@ class ClientRegistry:
         self._records: dict[str, ClientRecord] = {}
         self._now = wall_clock
         self._listeners: list[Callable[[str], None]] = []
+        self._watchers: list[Callable[[ClientNotice], None]] = []
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(client_id)`` after every change of a client's
         session or health (connected, closing, ended, health reported)."""
         self._listeners.append(listener)
+
+    def watch(self, watcher: Callable[[ClientNotice], None]) -> None:
+        """Call ``watcher(notice)`` at each client connected, replaced or
+        disconnected and each service whose reported health flipped."""
+        self._watchers.append(watcher)
+
+    def _notify(
+        self, change: ClientChange, record: ClientRecord, **details: Any
+    ) -> None:
+        for watcher in self._watchers:
+            watcher(ClientNotice(change, record, details))
 
     def _changed(self, client_id: str) -> None:
         for listener in self._listeners:
@@ -237,8 +278,10 @@ class ClientRegistry:
         states, detail = dict(health.states), dict(health.detail)
         if states == record.health and detail == record.health_detail:
             return False
+        flipped = []
         for service, ok in sorted(states.items()):
             if record.health.get(service, True) != ok:
+                flipped.append((service, ok))
                 log.info(
                     "client {client_id}: service {service} {state}{detail}",
                     client_id=client_id,
@@ -247,6 +290,14 @@ class ClientRegistry:
                     detail=f" ({detail[service]})" if service in detail else "",
                 )
         record.health, record.health_detail = states, detail
+        for service, ok in flipped:
+            self._notify(
+                ClientChange.HEALTH,
+                record,
+                service=service,
+                healthy=ok,
+                detail=detail.get(service),
+            )
         self._changed(client_id)
         return True
 
@@ -278,6 +329,7 @@ class ClientRegistry:
         session: MuxSession,
         peer: str,
         retire: Callable[[], None] | None = None,
+        certificate_not_after: float | None = None,
     ) -> None:
         """A hello was accepted; an older session of the same id is replaced.
 
@@ -286,8 +338,9 @@ class ClientRegistry:
         health reported: every service healthy until it says otherwise.
         """
         record = self._records.setdefault(client_id, ClientRecord(client_id))
-        old, old_retire = record.session, record.retire
+        old, old_retire, old_peer = record.session, record.retire, record.peer
         record.session = session
+        record.certificate_not_after = certificate_not_after
         record.retire = retire
         record.peer = peer
         record.connected_since = self._now()
@@ -306,6 +359,9 @@ class ClientRegistry:
                 old_retire()
             else:
                 old.go_away(GO_AWAY_NORMAL)
+            self._notify(ClientChange.REPLACED, record, old_peer=old_peer)
+        else:
+            self._notify(ClientChange.CONNECTED, record)
         self._changed(client_id)
 
     def closing(self, client_id: str, session: MuxSession) -> None:
@@ -355,10 +411,12 @@ class ClientRegistry:
         record.session = None
         record.retire = None
         record.connected_since = None
+        record.certificate_not_after = None
         if error is not None:
             record.last_error = error
         self._forget_health(record)
         self._move(record, state)
+        self._notify(ClientChange.DISCONNECTED, record)
         self._changed(client_id)
 
     @staticmethod

@@ -36,13 +36,15 @@ from threshold.schema import (
     format_address,
     show,
 )
-from threshold.schema.kinds import Bytes, Integer
+from threshold.schema.kinds import Bytes, Integer, Seconds
 from threshold.schema.policy_kinds import CIDR_LIST, EMPTY_CIDRS, CidrList, Rate
 from threshold.server.balance import Balance
+from threshold.wire.handshake import PROTO_TCP, PROTO_UDP
 
 __all__ = [
     "MAX_CLIENTS_PER_TUNNEL",
     "TUNNEL",
+    "UDP_KEY_GLOB",
     "Balance",
     "GroupKey",
     "Tunnel",
@@ -105,8 +107,24 @@ class _BalanceKind(Kind):
         return Balance(value).value
 
 
+class _ProtocolKind(Kind):
+    expected = '"tcp" or "udp"'
+    doc = "`tcp` or `udp`"
+
+    def check(self, value: object, base_dir: str | None = None) -> str:
+        if value in (PROTO_TCP, PROTO_UDP) and isinstance(value, str):
+            return value
+        raise self.wrong(value)
+
+
 CLIENT_IDS = _ClientIds()
 BALANCE = _BalanceKind()
+PROTOCOL = _ProtocolKind()
+
+#: The glob part of a UDP tunnel's key (counters, metrics, status): not a
+#: hostname glob any TCP tunnel can have, so a TCP and a UDP tunnel on the
+#: same address and port count apart.
+UDP_KEY_GLOB = "udp:*"
 
 #: The single-client name of older automation: read by ``_parse_entry`` into
 #: ``ClientIds``, written by ``to_json`` for a tunnel of one client.
@@ -269,10 +287,28 @@ class Tunnel:
         doc="Bytes a direction may move at once above the rate; `0`: one"
         " second's worth (`BandwidthBytesPerSecond`).",
     )
+    protocol: str = field(
+        "Protocol",
+        PROTOCOL,
+        PROTO_TCP,
+        doc="`tcp`: a TCP listener; `udp`: a UDP socket on `ListenPort`, each"
+        " user address a flow of datagrams (docs/udp.md). A TCP and a UDP tunnel"
+        " may share an address and port. A UDP tunnel takes `ListenHostnameGlob`"
+        " `*` only and PROXY protocol version 2 only.",
+    )
+    udp_flow_idle_seconds: float | None = field(
+        "UdpFlowIdleSeconds",
+        Seconds(),
+        None,
+        nullable=True,
+        doc="UDP tunnels: a flow ends after this long without a datagram either"
+        " way. `null`: the gateway's `UdpFlowIdleSeconds` (30 s).",
+    )
 
     def __post_init__(self) -> None:
         try:
             TUNNEL.validate(self)
+            self._check_protocol()
             if self.client_ids is None:
                 raise SchemaError(
                     'required field is missing (or give "ClientId" for one client)',
@@ -280,6 +316,30 @@ class Tunnel:
                 )
         except SchemaError as e:
             raise TunnelError.invalid(e) from None
+
+    def _check_protocol(self) -> None:
+        if self.protocol == PROTO_TCP:
+            if self.udp_flow_idle_seconds is not None:
+                raise SchemaError(
+                    'applies to UDP tunnels only (give "Protocol": "udp")',
+                    "UdpFlowIdleSeconds",
+                )
+            return
+        if self.hostname_glob != "*":
+            raise SchemaError(
+                'must be "*" for a UDP tunnel: a datagram carries no server name',
+                "ListenHostnameGlob",
+            )
+        if self.proxy_protocol and self.proxy_protocol_version != 2:
+            raise SchemaError(
+                "must be 2 for a UDP tunnel: PROXY protocol version 1 has no UDP",
+                "HaProxyProxyProtocolVersion",
+            )
+
+    @property
+    def is_udp(self) -> bool:
+        """Whether this tunnel relays UDP datagrams (``Protocol`` ``udp``)."""
+        return self.protocol == PROTO_UDP
 
     @property
     def client_id(self) -> str:
@@ -293,7 +353,13 @@ class Tunnel:
 
     @property
     def key(self) -> TunnelKey:
-        """The tunnel's identity in counters and status: address, port, glob."""
+        """The tunnel's identity in counters and status: address, port, glob.
+
+        A UDP tunnel's glob is ``UDP_KEY_GLOB``, so that it never equals the
+        key of a TCP tunnel on the same address and port.
+        """
+        if self.protocol == PROTO_UDP:
+            return (self.listen_address, self.listen_port, UDP_KEY_GLOB)
         return (self.listen_address, self.listen_port, self.hostname_glob)
 
     def to_json(self) -> dict[str, Any]:
@@ -364,7 +430,16 @@ def check_duplicates(tunnels: Sequence[Tunnel]) -> None:
     """Refuse two entries with the same group and the same glob."""
     seen: dict[tuple[str, int, str], int] = {}
     for index, tunnel in enumerate(tunnels):
-        key = (tunnel.listen_address, tunnel.listen_port, tunnel.hostname_glob)
+        key = tunnel.key
+        if key in seen and tunnel.is_udp:
+            raise TunnelError(
+                400,
+                f"duplicate route: entries {seen[key]} and {index} are both UDP"
+                f" tunnels on {format_address(*tunnel.group)} (one UDP tunnel per"
+                " address and port)",
+                index=index,
+                field="ListenPort",
+            )
         if key in seen:
             raise TunnelError(
                 400,

@@ -26,6 +26,7 @@ from threshold.config import (
     parse_server_config,
 )
 from threshold.config.client import HealthCheck as ServiceCheck
+from threshold.config.egress import EGRESS_POLICY, EgressSettings
 from threshold.config.policy import ClientPolicy
 from threshold.config.server import ClusterSettings
 from threshold.schema.policy_kinds import CIDR_LIST
@@ -159,6 +160,9 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             QuotaSaveIntervalSeconds=3,
             Cluster={"EtcdEndpoints": ["http://127.0.0.1:2379"], "GatewayId": "eu-1"},
             ReusePort=False,
+            EgressPolicy={"home-a": [{"Cidr": "0.0.0.0/0", "Ports": "25,587"}]},
+            MaxEgressConnectionsPerClient=3,
+            EgressConnectTimeoutSeconds=4,
         )
         config = self.parse(obj)
         expected = {
@@ -211,6 +215,11 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
                 )
             ),
             "reuse_port": False,
+            "egress_policy": EGRESS_POLICY.check(
+                {"home-a": [{"Cidr": "0.0.0.0/0", "Ports": "25,587"}]}
+            ),
+            "max_egress_connections_per_client": 3,
+            "egress_connect_timeout_seconds": 4.0,
             "source": "server.json",
         }
         self.assertEqual(
@@ -520,6 +529,7 @@ class ClientConfigTests(TempDirMixin, SynchronousTestCase):
             ConnectTimeoutSeconds=2,
             AdminSocket="admin.sock",
             HealthChecks={"web": {"IntervalSeconds": 3, "TimeoutSeconds": 1}},
+            Egress={"SocksListen": "127.0.0.1:1080"},
         )
         # Servers is the other way to name the gateways (tests/test_client_config.py).
         self.assertEqual(set(obj) | {"ClientIdentifier", "Servers"}, set(CLIENT.names))
@@ -550,6 +560,7 @@ class ClientConfigTests(TempDirMixin, SynchronousTestCase):
             "health_checks": {
                 "web": ServiceCheck(interval_seconds=3, timeout_seconds=1)
             },
+            "egress": EgressSettings(socks_listen=("127.0.0.1", 1080)),
             "source": "client.json",
         }
         self.assertEqual(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from threshold.config.egress import EGRESS_SETTINGS_KIND, EgressSettings
 from threshold.config.server import DEBUG_LOG, SERVER
 from threshold.schema import (
     BOOLEAN,
@@ -308,6 +309,16 @@ class ClientConfig:
         ' `{"web": {"IntervalSeconds": 5, "TimeoutSeconds": 2}}` (below). Each'
         " name must be in `ServiceToLocalAddrMap`. Every change is reported to"
         " every gateway at once.",
+    )
+    #: The local SOCKS5 proxy out through a gateway; None: off.
+    egress: EgressSettings | None = field(
+        "Egress",
+        EGRESS_SETTINGS_KIND,
+        None,
+        nullable=True,
+        doc='A local SOCKS5 proxy whose connections go out through a gateway:'
+        ' `{"SocksListen": "127.0.0.1:1080"}` (docs/egress.md). The gateway'
+        " decides where this client may connect (its `EgressPolicy`).",
     )
     source: str = "client config"
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from threshold.config.egress import EGRESS_POLICY, NO_EGRESS_POLICY, EgressPolicies
 from threshold.config.policy import (
     CLIENT_POLICIES,
     CLIENT_POLICY_KIND,
@@ -531,6 +532,31 @@ class ServerConfig:
         default_doc="`true` with `Cluster`, else `false`",
         doc="Bind public tunnel sockets with `SO_REUSEPORT`, so gateways on one"
         " machine share each public port (the kernel spreads users over them).",
+    )
+    # Egress through the gateway (docs/egress.md).
+    egress_policy: EgressPolicies = field(
+        "EgressPolicy",
+        EGRESS_POLICY,
+        NO_EGRESS_POLICY,
+        doc='Per client, the destinations it may connect out to through this'
+        ' gateway (its SOCKS5 proxy): `{"home-a": [{"Cidr": "0.0.0.0/0", "Ports":'
+        ' "25,465,587"}]}`. No entry: no egress. Loopback, private and'
+        " link-local destinations only by a rule within their range"
+        " (docs/egress.md).",
+    )
+    max_egress_connections_per_client: int = field(
+        "MaxEgressConnectionsPerClient",
+        Integer(1, 100_000),
+        64,
+        doc="Egress connections one client may have open (or connecting) at"
+        " once; more are refused (`limit`).",
+    )
+    egress_connect_timeout_seconds: float = field(
+        "EgressConnectTimeoutSeconds",
+        Seconds(),
+        10.0,
+        doc="Time for an egress connection's name lookup and connection to its"
+        " destination (`timeout` past it).",
     )
     #: Name of the config file, the prefix of error messages (e.g. from tls).
     source: str = "server config"

@@ -33,6 +33,9 @@ __all__ = [
     "Refusal",
     "TunnelKey",
     "Traffic",
+    "UdpDrop",
+    "UdpFlowEnd",
+    "UdpStats",
 ]
 
 _K = TypeVar("_K")
@@ -76,6 +79,10 @@ class Refusal(StrEnum):
     QUOTA_EXCEEDED = "quota_exceeded"
     #: A relayed connection cut: its client went over quota (action "cut").
     QUOTA_CUT = "quota_cut"
+    #: UdpMaxFlowsPerTunnel reached: a new UDP flow's datagram dropped.
+    LIMIT_UDP_FLOWS_TUNNEL = "limit_udp_flows_tunnel"
+    #: UdpMaxFlowsPerSourceIp reached: a new UDP flow's datagram dropped.
+    LIMIT_UDP_FLOWS_SOURCE_IP = "limit_udp_flows_source_ip"
 
 
 class Limit(StrEnum):
@@ -100,6 +107,8 @@ class Limit(StrEnum):
     QUOTA = "quota"
     #: A bandwidth bucket started holding a direction back.
     BANDWIDTH = "bandwidth"
+    UDP_FLOWS_PER_TUNNEL = "udp_flows_per_tunnel"
+    UDP_FLOWS_PER_SOURCE_IP = "udp_flows_per_source_ip"
 
 
 class HandshakeFailure(StrEnum):
@@ -110,6 +119,55 @@ class HandshakeFailure(StrEnum):
     SERVER_FULL = "server_full"
     TIMEOUT = "timeout"
     CLOSED = "closed"
+
+
+class UdpDrop(StrEnum):
+    """Why a UDP datagram was dropped (``threshold_udp_datagrams_dropped``)."""
+
+    #: Over UdpMaxDatagramBytes (from a user, or framed by the client).
+    OVERSIZE = "oversize"
+    #: The flow's stream had no room (its window full): UDP drops, never buffers.
+    WINDOW_FULL = "window_full"
+    #: Its flow could not be opened (the refusal is counted by reason).
+    FLOW_REFUSED = "flow_refused"
+    #: The gateway could not send it to the user (socket error).
+    SEND_FAILED = "send_failed"
+
+
+class UdpFlowEnd(StrEnum):
+    """Why a UDP flow ended (``threshold_udp_flows_ended``)."""
+
+    #: No datagram either way for UdpFlowIdleSeconds.
+    IDLE = "idle"
+    #: The client ended the stream: unknown service, its local socket failed,
+    #: or the client (its session) went away.
+    STREAM_ENDED = "stream_ended"
+    #: The client's framing was malformed: the stream is reset.
+    MALFORMED = "malformed"
+    #: The tunnel was removed or the gateway is stopping.
+    CLOSED = "closed"
+    #: Its client went over quota (action "cut").
+    QUOTA_CUT = "quota_cut"
+
+
+class UdpStats:
+    """The UDP front end's counters (flows and datagrams, all UDP tunnels).
+
+    Bytes are counted per tunnel and client on each flow's :class:`Flow`,
+    as for TCP connections.
+    """
+
+    def __init__(self) -> None:
+        #: Flows open now.
+        self.flows_open = 0
+        #: Flows opened since start.
+        self.flows_opened = 0
+        #: Datagrams relayed from users to services.
+        self.datagrams_in = 0
+        #: Datagrams relayed from services to users.
+        self.datagrams_out = 0
+        self.dropped: Counter[UdpDrop] = Counter()
+        self.flows_ended: Counter[UdpFlowEnd] = Counter()
 
 
 @dataclass(slots=True)
@@ -175,6 +233,8 @@ class GatewayStats:
         self.retry_failures: Counter[TunnelKey] = Counter()
         #: Access-policy refusals by (tunnel, client, reason): see policy.py.
         self.policy_refused: Counter[tuple[TunnelKey, str, Refusal]] = Counter()
+        #: UDP flows and datagrams (docs/udp.md).
+        self.udp = UdpStats()
         self._open_flows: set[Flow] = set()
         self._tunnels: dict[TunnelKey, Traffic] = {}
         self._clients: dict[str, Traffic] = {}

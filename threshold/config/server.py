@@ -20,8 +20,8 @@ from threshold.config.policy import (
     NO_CLIENT_POLICY,
     ClientPolicy,
 )
-from threshold.mux.settings import SESSION
 from threshold.config.webhooks import WEBHOOKS, WebhookSettings
+from threshold.mux.settings import SESSION
 from threshold.schema import (
     BOOLEAN,
     CLIENT_ID,
@@ -473,14 +473,6 @@ class ServerConfig:
         doc="How often quota usage is written to the `StateFile` (and at stop);"
         " a crash loses at most this much counting.",
     )
-    cluster: ClusterSettings | None = field(
-        "Cluster",
-        _ClusterKind(),
-        None,
-        nullable=True,
-        doc="Makes this gateway one of a fleet sharing its tunnel set and client"
-        " presence through etcd (docs/cluster.md); without it the gateway works"
-        " alone.",
     # The event feed: GET /events and webhooks (docs/events.md).
     event_history_size: int = field(
         "EventHistorySize",
@@ -523,6 +515,14 @@ class ServerConfig:
         doc='Where the events are also POSTed: `[{"Url": ..., "Events":'
         ' ["client.*"], "SecretFile": ...}]` (docs/events.md).',
     )
+    cluster: ClusterSettings | None = field(
+        "Cluster",
+        _ClusterKind(),
+        None,
+        nullable=True,
+        doc="Makes this gateway one of a fleet sharing its tunnel set and client"
+        " presence through etcd (docs/cluster.md); without it the gateway works"
+        " alone.",
     )
     reuse_port: bool | None = field(
         "ReusePort",

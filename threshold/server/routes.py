@@ -117,7 +117,9 @@ def needs_sni(entries: Sequence[Tunnel]) -> bool:
     return True
 
 
-def _bind_error(error: CannotListenError, key: GroupKey, index: int) -> TunnelError:
+def _bind_error(
+    error: CannotListenError, key: GroupKey, index: int, what: str = "address"
+) -> TunnelError:
     address = format_address(*key)
     code = getattr(error.socketError, "errno", None)
     if code == errno.EADDRINUSE:
@@ -130,7 +132,7 @@ def _bind_error(error: CannotListenError, key: GroupKey, index: int) -> TunnelEr
     else:
         reason, field = f"cannot listen: {error.socketError}", "ListenPort"
     return TunnelError(
-        409, f"entry {index}: address {address} {reason}", index=index, field=field
+        409, f"entry {index}: {what} {address} {reason}", index=index, field=field
     )
 
 
@@ -156,6 +158,9 @@ class NotRestored:
 #: Saves a set about to be switched in; a failure cancels the apply.
 Persist = Callable[[list[Tunnel]], "Deferred[None] | None"]
 
+#: Opens a UDP tunnel's socket on (host, port) for the group (server/udp.py).
+ListenUdp = Callable[[str, int, GroupKey], "Deferred[IListeningPort] | IListeningPort"]
+
 
 class RouteTable:
     """The tunnels in force, one listening socket per group.
@@ -173,10 +178,17 @@ class RouteTable:
         listen: Callable[[str, int, IProtocolFactory], Deferred[IListeningPort]],
         make_factory: Callable[[GroupKey], IProtocolFactory],
         on_switch: Callable[[list[Tunnel]], object] = lambda tunnels: None,
+        listen_udp: ListenUdp | None = None,
     ) -> None:
         self._listen = listen
         self._make_factory = make_factory
         self._on_switch = on_switch
+        #: ``listen_udp(host, port, group)`` opens a UDP tunnel's socket
+        #: (server/udp.py); None: UDP tunnels cannot be applied (400).
+        self._listen_udp = listen_udp
+        #: The UDP sockets, by (address, port): their own sockets, so a TCP
+        #: and a UDP tunnel may share an address and port.
+        self._udp_ports: dict[GroupKey, IListeningPort] = {}
         self._lock = DeferredLock()
         self._tunnels: list[Tunnel] = []
         self._groups: dict[GroupKey, tuple[Tunnel, ...]] = {}
@@ -188,8 +200,19 @@ class RouteTable:
         return list(self._tunnels)
 
     def group(self, key: GroupKey) -> tuple[Tunnel, ...]:
-        """The entries in force for one group; empty when the group is gone."""
+        """The TCP entries in force for one group; empty when the group is gone."""
         return self._groups.get(key, ())
+
+    def udp_tunnel(self, key: GroupKey) -> Tunnel | None:
+        """The UDP tunnel in force on (address, port), if any."""
+        for tunnel in self._tunnels:
+            if tunnel.is_udp and tunnel.group == key:
+                return tunnel
+        return None
+
+    def udp_port(self, key: GroupKey) -> IListeningPort | None:
+        """The UDP socket of (address, port), or None when not listening."""
+        return self._udp_ports.get(key)
 
     def groups(self) -> dict[GroupKey, tuple[Tunnel, ...]]:
         """All groups in force and their entries."""
@@ -224,15 +247,24 @@ class RouteTable:
         check_duplicates(tunnels)
         new_groups: dict[GroupKey, list[Tunnel]] = {}
         first_index: dict[GroupKey, int] = {}
+        new_udp: dict[GroupKey, int] = {}
         for index, tunnel in enumerate(tunnels):
+            if tunnel.is_udp:
+                self._check_udp(index)
+                new_udp[tunnel.group] = index
+                continue
             new_groups.setdefault(tunnel.group, []).append(tunnel)
             first_index.setdefault(tunnel.group, index)
 
         opened: dict[GroupKey, IListeningPort] = {}
+        opened_udp: dict[GroupKey, IListeningPort] = {}
         try:
             for key in new_groups:
                 if key not in self._ports:
                     opened[key] = await self._bind(key, first_index[key])
+            for key, index in new_udp.items():
+                if key not in self._udp_ports:
+                    opened_udp[key] = await self._bind_udp(key, index)
             # Saved before the switch, so the file never holds a set that is
             # not (or no longer) in force. A connection reaching a new socket
             # meanwhile finds no entry and is closed: that tunnel is not in
@@ -241,18 +273,24 @@ class RouteTable:
                 await maybeDeferred(persist, list(tunnels))
         except BaseException:
             await self._stop(opened)
+            await self._stop(opened_udp)
             raise
 
         # The switch: everything past this point cannot fail the apply.
         removed = {k: p for k, p in self._ports.items() if k not in new_groups}
+        removed_udp = {k: p for k, p in self._udp_ports.items() if k not in new_udp}
         self._groups = {k: tuple(v) for k, v in new_groups.items()}
         self._tunnels = tunnels
         self._not_restored = []
         self._ports = {
             k: opened[k] if k in opened else self._ports[k] for k in new_groups
         }
+        self._udp_ports = {
+            k: opened_udp[k] if k in opened_udp else self._udp_ports[k] for k in new_udp
+        }
         self._switched()
         await self._stop(removed)
+        await self._stop(removed_udp)
         log.info(
             "tunnel table applied: {count} tunnels in {groups} groups",
             count=len(tunnels),
@@ -273,8 +311,29 @@ class RouteTable:
 
     async def _restore(self, tunnels: list[Tunnel]) -> list[NotRestored]:
         groups: dict[GroupKey, list[int]] = {}
+        udp: dict[GroupKey, int] = {}
         for index, tunnel in enumerate(tunnels):
-            groups.setdefault(tunnel.group, []).append(index)
+            if tunnel.is_udp:
+                udp[tunnel.group] = index
+            else:
+                groups.setdefault(tunnel.group, []).append(index)
+        opened_udp: dict[GroupKey, IListeningPort] = {}
+        failed_udp: list[NotRestored] = []
+        for key, index in udp.items():
+            if key in self._udp_ports:
+                opened_udp[key] = self._udp_ports[key]
+                continue
+            try:
+                self._check_udp(index)
+                opened_udp[key] = await self._bind_udp(key, index)
+            except TunnelError as e:
+                failed_udp.append(NotRestored(index, tunnels[index], e))
+                log.error(
+                    "state file entry {index} (UDP, {address}) not restored: {why}",
+                    index=index,
+                    address=format_address(*key),
+                    why=e.message,
+                )
         opened: dict[GroupKey, IListeningPort] = {}
         failed: list[NotRestored] = []
         for key, indexes in groups.items():
@@ -294,17 +353,26 @@ class RouteTable:
                         address=format_address(*key),
                         why=e.message,
                     )
-        kept = [t for t in tunnels if t.group in opened]
+        kept = [
+            t
+            for t in tunnels
+            if (t.group in opened_udp if t.is_udp else t.group in opened)
+        ]
+        failed = sorted([*failed, *failed_udp], key=lambda n: n.index)
         removed = {k: p for k, p in self._ports.items() if k not in opened}
+        removed_udp = {k: p for k, p in self._udp_ports.items() if k not in opened_udp}
         new_groups: dict[GroupKey, list[Tunnel]] = {}
         for tunnel in kept:
-            new_groups.setdefault(tunnel.group, []).append(tunnel)
+            if not tunnel.is_udp:
+                new_groups.setdefault(tunnel.group, []).append(tunnel)
         self._groups = {k: tuple(v) for k, v in new_groups.items()}
         self._tunnels = kept
         self._ports = opened
+        self._udp_ports = opened_udp
         self._not_restored = failed
         self._switched()
         await self._stop(removed)
+        await self._stop(removed_udp)
         return list(failed)
 
     def _switched(self) -> None:
@@ -324,6 +392,26 @@ class RouteTable:
         except CannotListenError as e:
             raise _bind_error(e, key, index) from None
         log.info("tunnel group {address} listening", address=format_address(host, port))
+        return listening
+
+    def _check_udp(self, index: int) -> None:
+        if self._listen_udp is None:
+            raise TunnelError(
+                400,
+                f"entry {index}: this gateway serves no UDP tunnels",
+                index=index,
+                field="Protocol",
+            )
+
+    async def _bind_udp(self, key: GroupKey, index: int) -> IListeningPort:
+        """Open a UDP tunnel's socket; a bind error is a TunnelError (409)."""
+        assert self._listen_udp is not None
+        host, port = key
+        try:
+            listening = await maybeDeferred(self._listen_udp, host, port, key)
+        except CannotListenError as e:
+            raise _bind_error(e, key, index, "UDP address") from None
+        log.info("UDP tunnel {address} listening", address=format_address(host, port))
         return listening
 
     async def _stop(self, ports: dict[GroupKey, IListeningPort]) -> None:
@@ -353,11 +441,13 @@ class RouteTable:
         """Stop listening everywhere and empty the table."""
 
         async def close() -> None:
-            ports = self._ports
+            ports, udp_ports = self._ports, self._udp_ports
             self._groups = {}
             self._tunnels = []
             self._ports = {}
+            self._udp_ports = {}
             self._switched()
             await self._stop(ports)
+            await self._stop(udp_ports)
 
         return self._lock.run(lambda: Deferred.fromCoroutine(close()))

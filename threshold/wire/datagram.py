@@ -122,7 +122,9 @@ def _as_v6(
     return ip
 
 
-def build_proxy_v2_dgram(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
+def build_proxy_v2_dgram(
+    source: tuple[str, int], destination: tuple[str, int]
+) -> bytes:
     """A PROXY v2 header, command PROXY, family UDP4 or UDP6 (DGRAM), no TLVs.
 
     ``source`` is the user's (host, port), ``destination`` the gateway's

@@ -194,6 +194,9 @@ class RouteTable:
         self._groups: dict[GroupKey, tuple[Tunnel, ...]] = {}
         self._ports: dict[GroupKey, IListeningPort] = {}
         self._not_restored: list[NotRestored] = []
+        #: Switches of the set in force since start (apply, restore, close):
+        #: the ``Revision`` of ``tunnels.applied`` events and ``GET /server``.
+        self.revision = 0
 
     def tunnels(self) -> list[Tunnel]:
         """The tunnels in force, in the order they were applied."""
@@ -377,6 +380,7 @@ class RouteTable:
 
     def _switched(self) -> None:
         """Tell ``on_switch`` the set now in force (its failure is only logged)."""
+        self.revision += 1
         try:
             self._on_switch(list(self._tunnels))
         except Exception:

@@ -25,7 +25,7 @@ session; the API and the metrics read :meth:`ServingTable.views`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 __all__ = ["ServingTable", "TunnelView", "describe"]
 
 log = Logger(observer=log_observer)
+
+#: Told a failover: the tunnel, who served it, who serves it now, and why.
+FailoverListener = Callable[[Tunnel, str, tuple[str, ...], str], None]
 
 #: The reason logged when a PUT /tunnels, not a client, changed the set.
 TUNNEL_SET_CHANGED = "tunnel set changed"
@@ -113,6 +116,9 @@ class ServingTable:
         self._by_client: dict[str, set[TunnelKey]] = {}
         #: Connections given to each tunnel, for the rotations.
         self._turns: dict[TunnelKey, int] = {}
+        #: Told each failover: the tunnel, the client that served, the ones
+        #: serving now, and why (the event feed).
+        self.on_failover: FailoverListener | None = None
         registry.subscribe(self.client_changed)
 
     # -- events ---------------------------------------------------------------
@@ -207,14 +213,17 @@ class ServingTable:
         if before.serving == after.serving:
             return
         tunnel = after.tunnel
+        reason = why or self._why(before, after)
         if why is None and _failed_over(before, after):
             self.stats.failovers[tunnel.key] += 1
+            if self.on_failover is not None:
+                self.on_failover(tunnel, before.serving[0], after.serving, reason)
         log.info(
             "tunnel {tunnel}: serving {now} (was {was}: {why})",
             tunnel=describe(tunnel),
             now=_names(after.serving),
             was=_names(before.serving),
-            why=why or self._why(before, after),
+            why=reason,
         )
 
     @staticmethod

@@ -233,6 +233,8 @@ class GatewayStats:
         self.retry_failures: Counter[TunnelKey] = Counter()
         #: Access-policy refusals by (tunnel, client, reason): see policy.py.
         self.policy_refused: Counter[tuple[TunnelKey, str, Refusal]] = Counter()
+        #: Told each limit hit and whose it was (the event feed's digest).
+        self.on_limit: Callable[[Limit, dict[str, object]], None] | None = None
         #: UDP flows and datagrams (docs/udp.md).
         self.udp = UdpStats()
         self._open_flows: set[Flow] = set()
@@ -254,9 +256,12 @@ class GatewayStats:
         self.refused[reason] += 1
         self.policy_refused[(tunnel, client_id, reason)] += 1
 
-    def limit_hit(self, limit: Limit) -> None:
-        """A limit was hit once."""
+    def limit_hit(self, limit: Limit, **where: object) -> None:
+        """A limit was hit once; ``where`` says whose (tunnel, client, source)
+        for the event feed, which hears of it through ``on_limit``."""
         self.limits_hit[limit] += 1
+        if self.on_limit is not None:
+            self.on_limit(limit, where)
 
     def handshake_failed(self, reason: HandshakeFailure) -> None:
         """A tunnel client's handshake was refused."""

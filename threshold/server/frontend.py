@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING, Protocol
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from threshold.logs import debugging, emit_line
 from threshold.logs import observer as log_observer
 from threshold.mux.session import SessionClosed, StreamLimitReached
 from threshold.relay import RelayState, tune_transport
@@ -110,6 +111,8 @@ class FrontendLimits:
     first_byte_timeout: float = 30.0
     #: IPv6 sources sharing this prefix count as one source.
     ipv6_prefix: int = DEFAULT_IPV6_PREFIX
+    #: One info line per relayed connection when it ends (``LogConnections``).
+    log_connections: bool = True
 
 
 class PublicConnection(RetryingRelay, TimeoutMixin):
@@ -272,6 +275,8 @@ class PublicConnection(RetryingRelay, TimeoutMixin):
             stream.abortConnection()
             self.give_up(abort=True)
             return
+        if not debugging():
+            return  # the fields below cost more than the filtered event
         log.debug(
             "{peer} on {group} -> client {client} service {service} (stream "
             "{stream_id})",
@@ -416,18 +421,31 @@ class PublicConnection(RetryingRelay, TimeoutMixin):
         if flow is None or tunnel is None:
             return
         stats.flow_closed(flow)
-        log.info(
-            "{peer} on {group} {glob} via {client}/{service}: {bytes_in} bytes in, "
-            "{bytes_out} out, {duration:.3f}s, {end}",
-            peer=self._peer(),
-            group=self._group(),
-            glob=tunnel.hostname_glob,
-            client=flow.client_id,
-            service=tunnel.backend_service,
-            bytes_in=flow.bytes_in,
-            bytes_out=flow.bytes_out,
-            duration=self.clock.seconds() - self.started,
-            end="closed" if reason.check(ConnectionDone) else "reset",
+        if factory.limits.log_connections:
+            self._log_summary(flow, tunnel, reason)
+
+    def _log_summary(self, flow: Flow, tunnel: Tunnel, reason: Failure) -> None:
+        # Formatted here, once: the same fields as Logger.info would carry,
+        # at about half its cost (emit_line).
+        peer, group = self._peer(), self._group()
+        glob, service = tunnel.hostname_glob, tunnel.backend_service
+        client, bytes_in, bytes_out = flow.client_id, flow.bytes_in, flow.bytes_out
+        duration = self.clock.seconds() - self.started
+        end = "closed" if reason.check(ConnectionDone) else "reset"
+        emit_line(
+            log,
+            LogLevel.info,
+            f"{peer} on {group} {glob} via {client}/{service}: {bytes_in} bytes in,"
+            f" {bytes_out} out, {duration:.3f}s, {end}",
+            peer=peer,
+            group=group,
+            glob=glob,
+            client=client,
+            service=service,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            duration=duration,
+            end=end,
         )
 
     def _peer(self) -> str:

@@ -109,6 +109,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
             idle_timeout=config.public_idle_timeout_seconds,
             first_byte_timeout=config.public_first_byte_timeout_seconds,
             ipv6_prefix=config.source_ipv6_prefix_length,
+            log_connections=config.log_connections,
         ),
         shutdown_grace=config.shutdown_grace_seconds,
         policy=PolicySettings.from_config(config),

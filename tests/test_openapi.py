@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from threshold.config.policy import ClientPolicy
 from threshold.server.api import ManagementAPI
+from threshold.server.history import TrafficHistory
 from threshold.server.policy import CLIENT_VIEW_FIELDS, GatewayPolicy, PolicySettings
 from threshold.server.registry import (
     STATE_CLOSED,
@@ -271,6 +272,7 @@ def registry() -> ClientRegistry:
     return clients
 
 
+TUNNEL_KEY = ("127.0.0.1", 9000, "*.example.com")
 TUNNEL = {
     "ClientId": "TestClient1",
     "ListenAddress": "127.0.0.1",
@@ -369,6 +371,9 @@ class Broken:
     def snapshot(self) -> dict[str, Any]:
         raise ZeroDivisionError("broken on purpose")
 
+    def to_json(self) -> dict[str, Any]:
+        raise ZeroDivisionError("broken on purpose")
+
     def is_connected(self, client_id: str) -> bool:
         return True
 
@@ -427,6 +432,15 @@ def drive(case: SynchronousTestCase) -> Harness:
         h.request(forbidden, method, path, [] if method == "PUT" else None)
     # 404 metrics: a server without them.
     h.request(h.api(metrics=None), "GET", "/metrics")
+    # The status page, its files and the traffic history (404: none kept).
+    sampler = TrafficHistory(GatewayStats(), Clock(), lambda: [TUNNEL_KEY])
+    sampler.sample()
+    page = h.api(history=sampler)
+    for path in ("/", "/static/status.js", "/static/status.css", "/static/favicon.svg",
+                 "/static/nope.js", "/status/history"):  # fmt: skip
+        h.request(page, "GET", path)
+    h.request(ok, "GET", "/status/history")
+    h.request(h.api(history=Broken()), "GET", "/status/history")
     # The access policy: its fields in the answers, the quota reset.
     quota = PolicySettings(
         client_policies={"TestClient1": ClientPolicy(quota_bytes=10)}

@@ -328,6 +328,13 @@ class ServerConfig:
         " first request head; then it is closed. Later requests on a kept-open"
         " connection have the 60 s idle timeout.",
     )
+    status_sample_interval_seconds: int = field(
+        "StatusSampleIntervalSeconds",
+        Integer(1, 600),
+        10,
+        doc="How often the traffic of each tunnel is sampled for the status"
+        " page's charts (`GET /status/history`, the last hour; docs/status-page.md).",
+    )
     max_connections_per_tunnel: int = field(
         "MaxConnectionsPerTunnel",
         Integer(0),

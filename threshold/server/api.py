@@ -1,7 +1,8 @@
 """The management API: a Klein resource over the route table and the clients.
 
 ``GET /ping``, ``GET /clients``, ``GET /tunnels``, ``GET /tunnels/status``,
-``PUT /tunnels`` and ``GET /metrics`` (see docs/api.md). Every answer but
+``PUT /tunnels``, ``GET /metrics``, and the status page ``GET /`` with
+its files and ``GET /status/history`` (see docs/api.md). Every answer but
 ``/ping`` and ``/metrics`` is JSON; every error is a JSON object
 ``{"error": "..."}`` with a status code that says what went wrong. The API
 changes state only through ``RouteTable.apply``.
@@ -23,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from threshold.server import statuspage
 from threshold.server.routes import RouteTable, Tunnel, TunnelError, parse_tunnels
 from threshold.server.stats import Limit
 from threshold.tls import peer_common_name
@@ -156,7 +158,10 @@ class ManagementAPI:
         serving: ServingView | None = None,
         policy: PolicyView | None = None,
         fleet: Any = None,
+        history: Jsonable | None = None,
     ) -> None:
+        #: The traffic history (history.py) for ``GET /status/history``.
+        self._history = history
         self._policy = policy
         #: In a fleet (threshold.server.fleet.Fleet): PUT goes through etcd.
         self._fleet = fleet
@@ -276,6 +281,32 @@ class ManagementAPI:
         if self._policy is not None:
             body["Policy"] = self._policy.tunnel_view(tunnel)
         return body
+
+    # -- the status page (statuspage.py) ------------------------------------
+
+    @app.route("/", methods=["GET"])
+    def status_page(self, request: IRequest) -> bytes:
+        """The status page: clients, tunnels and their charts (read-only)."""
+        self._authorize(request)
+        return statuspage.page(request)
+
+    @app.route("/static/<name>", methods=["GET"])
+    def static_file(self, request: IRequest, name: str) -> bytes:
+        """The status page's stylesheet and script."""
+        self._authorize(request)
+        body = statuspage.static_file(request, name)
+        if body is None:
+            raise ApiError(404, f"no such file: {json.dumps(name)}")
+        return body
+
+    @app.route("/status/history", methods=["GET"])
+    def status_history(self, request: IRequest) -> bytes:
+        """The last hour of traffic samples per tunnel and for the gateway."""
+        self._authorize(request)
+        if self._history is None:
+            raise ApiError(404, "no traffic history on this server")
+        request.setHeader(b"cache-control", b"no-store")
+        return self._json(request, 200, self._history.to_json())
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:

@@ -28,6 +28,7 @@ from threshold.server.frontend import (
     FrontendLimits,
     public_admission,
 )
+from threshold.server.history import HistorySettings, TrafficHistory
 from threshold.server.policy import GatewayPolicy, PolicySettings
 from threshold.server.registry import ClientRegistry
 from threshold.server.routes import RouteTable, TunnelError
@@ -72,6 +73,7 @@ class TunnelServer(Service):
         shutdown_grace: float = 10.0,
         run_in_thread: ThreadRunner = deferToThread,
         policy: PolicySettings | None = None,
+        history: HistorySettings | None = None,
     ) -> None:
         settings = settings or ControlSettings()
         self.clock = clock
@@ -96,6 +98,10 @@ class TunnelServer(Service):
         #: Which clients serve each tunnel now (the front end asks it).
         self.serving = ServingTable(self.registry, self.stats)
         self.routes = RouteTable(listen, self._make_factory, self.serving.update)
+        #: The last hour of traffic per tunnel (the status page's charts).
+        self.history = TrafficHistory(
+            self.stats, clock, lambda: [t.key for t in self.routes.tunnels()], history
+        )
         self._control = ControlFactory(self.registry, settings, clock, self.stats)
 
     @property
@@ -154,6 +160,7 @@ class TunnelServer(Service):
         """
         Service.startService(self)
         self.policy.start()
+        self.history.start()
         tunnels, self._restore = self._restore, []
         if not tunnels:
             return
@@ -187,6 +194,7 @@ class TunnelServer(Service):
         are cut.
         """
         Service.stopService(self)
+        self.history.stop()
         yield self.routes.close()
         controls = list(self.control_connections)
         sessions = [c.session for c in controls]

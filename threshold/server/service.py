@@ -28,13 +28,13 @@ from threshold.server.frontend import (
     FrontendLimits,
     public_admission,
 )
-from threshold.server.history import HistorySettings, TrafficHistory
 from threshold.server.policy import GatewayPolicy, PolicySettings
 from threshold.server.registry import ClientRegistry
 from threshold.server.routes import RouteTable, TunnelError
 from threshold.server.serving import ServingTable
 from threshold.server.statefile import StateFile, StateFileError, ThreadRunner
 from threshold.server.stats import GatewayStats
+from threshold.server.udp import UdpFrontends, UdpLimits
 from threshold.wire.frames import GO_AWAY_NORMAL
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         IListeningPort,
         IProtocolFactory,
         IReactorTime,
+        IReactorUDP,
     )
     from twisted.python.failure import Failure
 
@@ -73,7 +74,8 @@ class TunnelServer(Service):
         shutdown_grace: float = 10.0,
         run_in_thread: ThreadRunner = deferToThread,
         policy: PolicySettings | None = None,
-        history: HistorySettings | None = None,
+        udp_reactor: IReactorUDP | None = None,
+        udp_limits: UdpLimits | None = None,
     ) -> None:
         settings = settings or ControlSettings()
         self.clock = clock
@@ -97,11 +99,24 @@ class TunnelServer(Service):
         self.admission.policy = self.policy
         #: Which clients serve each tunnel now (the front end asks it).
         self.serving = ServingTable(self.registry, self.stats)
-        self.routes = RouteTable(listen, self._make_factory, self.serving.update)
-        #: The last hour of traffic per tunnel (the status page's charts).
-        self.history = TrafficHistory(
-            self.stats, clock, lambda: [t.key for t in self.routes.tunnels()], history
+        #: The UDP tunnels' sockets and flows (docs/udp.md); without a
+        #: ``udp_reactor`` a UDP tunnel is refused (400).
+        self.udp = UdpFrontends(
+            udp_reactor,
+            clock,
+            None,
+            self.serving,
+            self.stats,
+            udp_limits or UdpLimits(),
+            self.policy,
         )
+        self.routes = RouteTable(
+            listen,
+            self._make_factory,
+            self.serving.update,
+            listen_udp=self.udp.listen if udp_reactor is not None else None,
+        )
+        self.udp.routes = self.routes
         self._control = ControlFactory(self.registry, settings, clock, self.stats)
 
     @property
@@ -160,7 +175,6 @@ class TunnelServer(Service):
         """
         Service.startService(self)
         self.policy.start()
-        self.history.start()
         tunnels, self._restore = self._restore, []
         if not tunnels:
             return
@@ -194,7 +208,6 @@ class TunnelServer(Service):
         are cut.
         """
         Service.stopService(self)
-        self.history.stop()
         yield self.routes.close()
         controls = list(self.control_connections)
         sessions = [c.session for c in controls]

@@ -24,12 +24,12 @@ from threshold.server.api import ManagementAPI
 from threshold.server.control import ControlSettings
 from threshold.server.fleet import Fleet, FleetCollector, read_revision
 from threshold.server.frontend import FrontendLimits
-from threshold.server.history import HistorySettings
 from threshold.server.policy import PolicySettings
 from threshold.server.reuseport import reuseport_listen
 from threshold.server.service import TunnelServer
 from threshold.server.site import ManagementLimits, management_site
 from threshold.server.statefile import StateFileError, read_state
+from threshold.server.udp import UdpLimits
 from threshold.tap.common import fail, listener, server_endpoint, session_config
 from threshold.tls import CONTROL_MINIMUM_TLS, server_options
 
@@ -114,7 +114,8 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         ),
         shutdown_grace=config.shutdown_grace_seconds,
         policy=PolicySettings.from_config(config),
-        history=HistorySettings(interval=config.status_sample_interval_seconds),
+        udp_reactor=reactor,
+        udp_limits=UdpLimits.from_config(config),
     )
     top = MultiService()
     server.setServiceParent(top)
@@ -140,7 +141,6 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         policy=server.policy,
         serving=server.serving,
         fleet=fleet,
-        history=server.history,
     )
     if config.management_socket is not None:
         # The socket file's permissions (0600) are the access control.

@@ -28,6 +28,7 @@ from threshold.server.frontend import (
     FrontendLimits,
     public_admission,
 )
+from threshold.server.history import HistorySettings, TrafficHistory
 from threshold.server.policy import GatewayPolicy, PolicySettings
 from threshold.server.registry import ClientRegistry
 from threshold.server.routes import RouteTable, TunnelError
@@ -76,6 +77,7 @@ class TunnelServer(Service):
         policy: PolicySettings | None = None,
         udp_reactor: IReactorUDP | None = None,
         udp_limits: UdpLimits | None = None,
+        history: HistorySettings | None = None,
     ) -> None:
         settings = settings or ControlSettings()
         self.clock = clock
@@ -117,6 +119,10 @@ class TunnelServer(Service):
             listen_udp=self.udp.listen if udp_reactor is not None else None,
         )
         self.udp.routes = self.routes
+        #: The last hour of traffic per tunnel (the status page's charts).
+        self.history = TrafficHistory(
+            self.stats, clock, lambda: [t.key for t in self.routes.tunnels()], history
+        )
         self._control = ControlFactory(self.registry, settings, clock, self.stats)
 
     @property
@@ -175,6 +181,7 @@ class TunnelServer(Service):
         """
         Service.startService(self)
         self.policy.start()
+        self.history.start()
         tunnels, self._restore = self._restore, []
         if not tunnels:
             return
@@ -208,6 +215,7 @@ class TunnelServer(Service):
         are cut.
         """
         Service.stopService(self)
+        self.history.stop()
         yield self.routes.close()
         controls = list(self.control_connections)
         sessions = [c.session for c in controls]

@@ -24,6 +24,7 @@ from threshold.server.api import ManagementAPI
 from threshold.server.control import ControlSettings
 from threshold.server.fleet import Fleet, FleetCollector, read_revision
 from threshold.server.frontend import FrontendLimits
+from threshold.server.history import HistorySettings
 from threshold.server.policy import PolicySettings
 from threshold.server.reuseport import reuseport_listen
 from threshold.server.service import TunnelServer
@@ -116,6 +117,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         policy=PolicySettings.from_config(config),
         udp_reactor=reactor,
         udp_limits=UdpLimits.from_config(config),
+        history=HistorySettings(interval=config.status_sample_interval_seconds),
     )
     top = MultiService()
     server.setServiceParent(top)
@@ -141,6 +143,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         policy=server.policy,
         serving=server.serving,
         fleet=fleet,
+        history=server.history,
     )
     if config.management_socket is not None:
         # The socket file's permissions (0600) are the access control.

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+    from twisted.internet.interfaces import (
+        IReactorTime,
+        IReactorUDP,
+        IStreamClientEndpoint,
+    )
 
     from threshold.client.health import HealthMonitor
     from threshold.mux.settings import SessionConfig
@@ -21,6 +26,10 @@ class ClientStats:
     unknown_service: int = 0
     #: Streams reset because their local service could not be connected.
     local_failures: int = 0
+    #: UDP flows served (each with its own local socket).
+    udp_flows: int = 0
+    #: UDP datagrams dropped, by reason (client/udp.py's ``UdpDrop``).
+    udp_dropped: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -45,6 +54,8 @@ class ClientSettings:
     stats: ClientStats = field(default_factory=ClientStats)
     #: The health checks every session reports; None: no ``HealthChecks``.
     health: HealthMonitor | None = None
+    #: Opens UDP flows' local sockets; None: the global reactor.
+    udp_reactor: IReactorUDP | None = None
 
     def replace_services(self, services: dict[str, tuple[str, int]]) -> None:
         """Swap the service map in (live config); the checks follow it."""

@@ -15,9 +15,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from threshold.client.endpoints import Cancel, connect_relay
+from threshold.client.udp import serve_udp
 from threshold.logs import observer as log_observer
 from threshold.relay import PrefixRelay, RelayEnd, RelayState, tune_transport
-from threshold.wire.handshake import HandshakeError, LineBuffer, parse_stream_header
+from threshold.wire.handshake import (
+    PROTO_UDP,
+    HandshakeError,
+    LineBuffer,
+    parse_stream_header,
+)
 
 if TYPE_CHECKING:
     from threshold.client.settings import ClientSettings
@@ -67,6 +73,17 @@ class ServiceStream(PrefixRelay):
         if address is None:
             self.settings.stats.unknown_service += 1
             self._reset('unknown service "{service}"', service=header.service)
+            return
+        if header.proto == PROTO_UDP:
+            # A UDP flow: its own protocol takes the stream (docs/udp.md).
+            serve_udp(
+                self.transport,
+                self.settings,
+                header.service,
+                address,
+                header.proxy_v2,
+                rest,
+            )
             return
         self.hold(rest)
         endpoint = self.settings.local_endpoint(*address)

@@ -25,6 +25,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from threshold.server import statuspage
+from threshold.server.events_sse import StreamRefused
 from threshold.server.routes import RouteTable, Tunnel, TunnelError, parse_tunnels
 from threshold.server.stats import Limit
 from threshold.tls import peer_common_name
@@ -82,6 +83,14 @@ class PolicyView(Protocol):
 
     def knows(self, client_id: str) -> bool:
         """Whether the policy has (or had saved) a quota for the client."""
+        ...
+
+
+class EventStreamsView(Protocol):
+    """What ``GET /events`` needs: start one stream (events_sse.EventStreams)."""
+
+    def open(self, request: IRequest) -> Deferred[bytes]:
+        """Stream the events; fires when the stream ends. Raises StreamRefused."""
         ...
 
 
@@ -159,9 +168,15 @@ class ManagementAPI:
         policy: PolicyView | None = None,
         fleet: Any = None,
         history: Jsonable | None = None,
+        events: EventStreamsView | None = None,
+        server_info: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         #: The traffic history (history.py) for ``GET /status/history``.
         self._history = history
+        #: The event streams (events_sse.py) for ``GET /events``.
+        self._events = events
+        #: The gateway's own facts for ``GET /server`` (serverinfo.py).
+        self._server_info = server_info
         self._policy = policy
         #: In a fleet (threshold.server.fleet.Fleet): PUT goes through etcd.
         self._fleet = fleet
@@ -307,6 +322,25 @@ class ManagementAPI:
             raise ApiError(404, "no traffic history on this server")
         request.setHeader(b"cache-control", b"no-store")
         return self._json(request, 200, self._history.to_json())
+
+    @app.route("/events", methods=["GET"])
+    def events(self, request: IRequest) -> Deferred[bytes]:
+        """The event feed as Server-Sent Events (docs/events.md)."""
+        self._authorize(request)
+        if self._events is None:
+            raise ApiError(404, "no event stream on this server")
+        try:
+            return self._events.open(request)
+        except StreamRefused as e:
+            raise ApiError(e.status, e.message) from None
+
+    @app.route("/server", methods=["GET"])
+    def server(self, request: IRequest) -> bytes:
+        """The gateway itself: id, version, ports, certificate end date."""
+        self._authorize(request)
+        if self._server_info is None:
+            raise ApiError(404, "no server information on this server")
+        return self._json(request, 200, self._server_info())
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:

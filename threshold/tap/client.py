@@ -89,6 +89,7 @@ def build_client(config: ClientConfig, reactor: Any) -> MultiService:
         session_config=session_config(config),
         hello_timeout=config.connect_timeout_seconds,
         health=health,
+        udp_reactor=reactor,
     )
     links = []
     for entry in config.gateways:

@@ -197,6 +197,11 @@ class RouteTable:
         #: Switches of the set in force since start (apply, restore, close):
         #: the ``Revision`` of ``tunnels.applied`` events and ``GET /server``.
         self.revision = 0
+        self._watchers: list[Callable[[list[Tunnel], int], object]] = []
+
+    def watch(self, watcher: Callable[[list[Tunnel], int], object]) -> None:
+        """Call ``watcher(tunnels, revision)`` after each switch (the event feed)."""
+        self._watchers.append(watcher)
 
     def tunnels(self) -> list[Tunnel]:
         """The tunnels in force, in the order they were applied."""
@@ -385,6 +390,11 @@ class RouteTable:
             self._on_switch(list(self._tunnels))
         except Exception:
             log.failure("tunnel set switched, but telling the front end failed")
+        for watcher in self._watchers:
+            try:
+                watcher(list(self._tunnels), self.revision)
+            except Exception:
+                log.failure("tunnel set switched, but telling a watcher failed")
 
     async def _bind(self, key: GroupKey, index: int) -> IListeningPort:
         """Listen for a group; a bind error is a TunnelError naming ``index``."""

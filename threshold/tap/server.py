@@ -21,12 +21,16 @@ from threshold.config import ConfigError, ServerConfig, load_server_config
 from threshold.logs import observer as log_observer
 from threshold.server import metrics
 from threshold.server.api import ManagementAPI
+from threshold.server.certinfo import read_file as read_certificate
 from threshold.server.control import ControlSettings
+from threshold.server.events_metrics import EventCollector
+from threshold.server.events_service import build_events
 from threshold.server.fleet import Fleet, FleetCollector, read_revision
 from threshold.server.frontend import FrontendLimits
 from threshold.server.history import HistorySettings
 from threshold.server.policy import PolicySettings
 from threshold.server.reuseport import reuseport_listen
+from threshold.server.serverinfo import ServerFacts
 from threshold.server.service import TunnelServer
 from threshold.server.site import ManagementLimits, management_site
 from threshold.server.statefile import StateFileError, read_state
@@ -126,7 +130,29 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         # Started after the server: the watch applies after the restore.
         fleet = build_fleet(config, server, reactor)
         fleet.setServiceParent(top)
+    # The event feed (docs/events.md); stopped before the gateway, so its
+    # streams end with stream.closed.
+    certificate = (
+        read_certificate(config.server_tls_certificate_file)
+        if config.use_tls and config.server_tls_certificate_file is not None
+        else None
+    )
+    events = build_events(config, server, reactor, certificate)
+    events.setServiceParent(top)
+    facts = ServerFacts(
+        server,
+        gateway_id=config.cluster.gateway_id if config.cluster else None,
+        use_tls=config.use_tls,
+        listen_address=config.listen_address,
+        tunnel_control_port=config.tunnel_control_port,
+        management_port=None
+        if config.management_socket is not None
+        else config.management_port,
+        certificate=certificate,
+        feed=events.feed,
+    )
     metrics_registry = metrics.server_registry(server)
+    metrics_registry.register(EventCollector(events))
     if fleet is not None:
         metrics_registry.register(FleetCollector(fleet))
     listener(
@@ -144,6 +170,8 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         serving=server.serving,
         fleet=fleet,
         history=server.history,
+        events=events.streams,
+        server_info=facts.to_json,
     )
     if config.management_socket is not None:
         # The socket file's permissions (0600) are the access control.

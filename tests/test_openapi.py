@@ -14,6 +14,7 @@ import json
 import os
 import re
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from treq.testing import StubTreq
@@ -25,6 +26,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from threshold.config.policy import ClientPolicy
 from threshold.server.api import ManagementAPI
+from threshold.server.events import EventFeed
+from threshold.server.events_sse import EventStreams, StreamSettings
 from threshold.server.history import TrafficHistory
 from threshold.server.policy import CLIENT_VIEW_FIELDS, GatewayPolicy, PolicySettings
 from threshold.server.registry import (
@@ -42,6 +45,7 @@ from threshold.server.routes import (
     TunnelError,
     parse_tunnels,
 )
+from threshold.server.serverinfo import ServerFacts
 from threshold.server.serving import ServingTable
 from threshold.server.stats import GatewayStats
 
@@ -298,7 +302,7 @@ class Answer:
         self, method: str, path: str, status: int, content_type: str, body: bytes
     ) -> None:
         self.method = method
-        self.path = spec_path(path)
+        self.path = spec_path(path.split("?")[0])
         self.status = status
         self.content_type = content_type
         self.body = body
@@ -475,6 +479,23 @@ def drive(case: SynchronousTestCase) -> Harness:
     # 503: the set cannot be saved to the state file.
     not_saved = TunnelError(503, "not applied: the tunnel set cannot be saved: x")
     h.request(h.api(apply=lambda tunnels: fail(not_saved)), "PUT", "/tunnels", [])
+    # The event stream (a feed already closed: the stream ends at once) and
+    # the gateway's facts.
+    feed = EventFeed(Clock(), wall_clock=lambda: 1714564800.0)
+    feed.emit("client.connected", ClientId="TestClient1", Peer="127.0.0.1:50000")
+    feed.close()
+    closed = h.api(events=EventStreams(feed, Clock()))
+    h.request(closed, "GET", "/events?since=0")
+    h.request(closed, "GET", "/events?since=x")
+    full = EventStreams(feed, Clock(), StreamSettings(max_subscribers=0))
+    h.request(h.api(events=full), "GET", "/events")
+    h.request(ok, "GET", "/events")
+    gateway = SimpleNamespace(routes=RouteTable(fake_listen, lambda key: Factory()))
+    gateway.registry = registry()
+    facts = ServerFacts(gateway, "eu-1", True, "0.0.0.0", 9056, 9057, feed=feed)
+    h.request(h.api(server_info=facts.to_json), "GET", "/server")
+    h.request(ok, "GET", "/server")
+    h.request(h.api(server_info=broken_tunnels), "GET", "/server")
     case.flushLoggedErrors(ZeroDivisionError)
     return h
 

@@ -13,7 +13,6 @@ from twisted.internet.endpoints import (
 from twisted.logger import Logger
 
 from threshold import logs
-from threshold.client.admin import admin_site
 from threshold.client.endpoints import local_tcp_endpoint
 from threshold.client.gateway import GatewayLink
 from threshold.client.health import HealthMonitor, tcp_probe
@@ -104,6 +103,10 @@ def build_client(config: ClientConfig, reactor: Any) -> MultiService:
             max_delay=config.reconnect_max_delay_seconds,
         ).setServiceParent(top)
     if config.admin_socket is not None:
+        # Imported only when configured: klein and twisted.web are about a
+        # sixth of the client's memory and start-up (docs/performance.md).
+        from threshold.client.admin import admin_site
+
         listener(
             UNIXServerEndpoint(reactor, config.admin_socket, mode=0o600, wantPID=True),
             admin_site(settings, links),

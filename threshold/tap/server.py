@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import (
@@ -25,7 +25,6 @@ from threshold.server.certinfo import read_file as read_certificate
 from threshold.server.control import ControlSettings
 from threshold.server.events_metrics import EventCollector
 from threshold.server.events_service import build_events
-from threshold.server.fleet import Fleet, FleetCollector, read_revision
 from threshold.server.frontend import FrontendLimits
 from threshold.server.history import HistorySettings
 from threshold.server.policy import PolicySettings
@@ -37,6 +36,10 @@ from threshold.server.statefile import StateFileError, read_state
 from threshold.server.udp import UdpLimits
 from threshold.tap.common import fail, listener, server_endpoint, session_config
 from threshold.tls import CONTROL_MINIMUM_TLS, server_options
+
+if TYPE_CHECKING:
+    # Imported where a Cluster is configured: etcd, treq, the fleet code.
+    from threshold.server.fleet import Fleet
 
 log = Logger(observer=log_observer)
 
@@ -154,6 +157,8 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
     metrics_registry = metrics.server_registry(server)
     metrics_registry.register(EventCollector(events))
     if fleet is not None:
+        from threshold.server.fleet_metrics import FleetCollector
+
         metrics_registry.register(FleetCollector(fleet))
     listener(
         server_endpoint(
@@ -226,6 +231,7 @@ def build_fleet(config: ServerConfig, server: TunnelServer, reactor: Any) -> Fle
     """The gateway's part of its fleet (``Cluster``): etcd client, store, watch."""
     from threshold.cluster.etcd import EtcdClient
     from threshold.cluster.store import ClusterStore
+    from threshold.server.fleet import Fleet, read_revision
 
     cluster = config.cluster
     assert cluster is not None

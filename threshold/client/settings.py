@@ -26,6 +26,10 @@ class ClientStats:
     unknown_service: int = 0
     #: Streams reset because their local service could not be connected.
     local_failures: int = 0
+    #: SOCKS connections the gateway connected out (docs/egress.md).
+    egress_connections: int = 0
+    #: SOCKS connections refused or failed (locally or by the gateway).
+    egress_refused: int = 0
     #: UDP flows served (each with its own local socket).
     udp_flows: int = 0
     #: UDP datagrams dropped, by reason (client/udp.py's ``UdpDrop``).

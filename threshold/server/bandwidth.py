@@ -118,6 +118,13 @@ class BandwidthBook:
                 bucket.set_rate(rate, burst)
         return buckets
 
+    def client_pair(self, client_id: str) -> tuple[Bucket, Bucket] | None:
+        """The client's (upload, download) buckets; None when it has no limit.
+
+        Egress draws from them too (docs/egress.md).
+        """
+        return self._client(client_id)
+
     def _client(self, client_id: str) -> tuple[Bucket, Bucket] | None:
         buckets = self.client_buckets.get(client_id)
         if buckets is None:

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
     from threshold.mux.stream import Stream
+    from threshold.server.egress import EgressGate, EgressStream
     from threshold.server.registry import ClientRegistry
 
 __all__ = [
@@ -228,12 +229,22 @@ class ControlConnection:
 
     def stream_opened(
         self, session: MuxSession, stream: Stream
-    ) -> ControlChannel | None:
-        """Only stream 1, only before the hello; the rest is reserved."""
+    ) -> ControlChannel | EgressStream | None:
+        """Stream 1 before the hello, odd streams (egress) after it; no other."""
         if self.state is ControlState.PENDING and stream.id == 1:
             self._hello_stream = stream
             self._move(ControlState.READING_HELLO)
             return ControlChannel(self)
+        egress = self.factory.egress
+        if (
+            egress is not None
+            and self.state is ControlState.ACCEPTED
+            and self.client_id is not None
+            and stream.id % 2 == 1
+        ):
+            # Odd streams after the hello are the client's egress requests
+            # (answered, even when egress is off: docs/egress.md).
+            return egress.stream(self.client_id)
         log.debug(
             "{name}: stream {stream_id} refused (not a tunnel stream)",
             name=session.name,
@@ -437,8 +448,11 @@ class ControlFactory(Factory):
         settings: ControlSettings,
         clock: IReactorTime,
         counters: ControlCounters,
+        egress: EgressGate | None = None,
     ) -> None:
         self.registry = registry
+        #: Serves the clients' odd streams (egress); None: they are reset.
+        self.egress = egress
         self.settings = settings
         self.clock = clock
         self.counters = counters

@@ -28,6 +28,7 @@ from threshold.server.registry import (
     user_streams,
 )
 from threshold.server.stats import GatewayStats, HandshakeFailure, Refusal
+from threshold.wire.egress import EgressRefusal
 
 if TYPE_CHECKING:
     from threshold.server.registry import ClientRecord
@@ -216,6 +217,51 @@ class ServerCollector(Collector):
         for name, count in sorted(stats.limits_hit.items()):
             limits.add_metric([str(name)], count)
         yield limits
+        yield from self._egress()
+
+    def _egress(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Per client: egress requests, connections, refusals, bytes (egress.md)."""
+        labels = ["client_id"]
+        requests = CounterMetricFamily(
+            "threshold_client_egress_requests",
+            "Egress requests (odd streams) the client opened.",
+            labels=labels,
+        )
+        connections = CounterMetricFamily(
+            "threshold_client_egress_connections",
+            "Egress connections made to a destination for the client.",
+            labels=labels,
+        )
+        open_ = GaugeMetricFamily(
+            "threshold_client_egress_open",
+            "Egress streams of the client open now (connecting or relaying).",
+            labels=labels,
+        )
+        sent = CounterMetricFamily(
+            "threshold_client_egress_sent_bytes",
+            "Bytes from the client to its egress destinations.",
+            labels=labels,
+        )
+        received = CounterMetricFamily(
+            "threshold_client_egress_received_bytes",
+            "Bytes from egress destinations to the client.",
+            labels=labels,
+        )
+        refused = CounterMetricFamily(
+            "threshold_client_egress_refused",
+            "Egress requests refused or whose connection failed, by reason.",
+            labels=["client_id", "reason"],
+        )
+        for client_id, traffic in sorted(self.stats.egress.clients.items()):
+            row = [client_id]
+            requests.add_metric(row, traffic.requests)
+            connections.add_metric(row, traffic.connected)
+            open_.add_metric(row, traffic.open)
+            sent.add_metric(row, traffic.bytes_sent)
+            received.add_metric(row, traffic.bytes_received)
+            for reason in EgressRefusal:
+                refused.add_metric([client_id, reason.value], traffic.refused[reason])
+        yield from (requests, connections, open_, sent, received, refused)
 
     def _balancing(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Per tunnel and client: healthy, serving; per tunnel: failovers, retries."""

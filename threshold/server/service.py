@@ -23,6 +23,7 @@ from threshold.server.control import (
     ControlFactory,
     ControlSettings,
 )
+from threshold.server.egress import EgressGate, EgressSettings, Resolver
 from threshold.server.frontend import (
     FrontendFactory,
     FrontendLimits,
@@ -77,6 +78,8 @@ class TunnelServer(Service):
         policy: PolicySettings | None = None,
         udp_reactor: IReactorUDP | None = None,
         udp_limits: UdpLimits | None = None,
+        egress: EgressSettings | None = None,
+        resolve: Resolver | None = None,
         history: HistorySettings | None = None,
     ) -> None:
         settings = settings or ControlSettings()
@@ -123,7 +126,13 @@ class TunnelServer(Service):
         self.history = TrafficHistory(
             self.stats, clock, lambda: [t.key for t in self.routes.tunnels()], history
         )
-        self._control = ControlFactory(self.registry, settings, clock, self.stats)
+        #: Connects out for the clients' egress streams (docs/egress.md).
+        self.egress = EgressGate(
+            egress or EgressSettings(), clock, self.stats, self.policy, resolve
+        )
+        self._control = ControlFactory(
+            self.registry, settings, clock, self.stats, egress=self.egress
+        )
 
     @property
     def control_connections(self) -> set[ControlConnection]:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeVar
 
 from threshold.server.tunnels import TunnelKey
+from threshold.wire.egress import EgressRefusal
 
 __all__ = [
     "Flow",
@@ -196,6 +197,100 @@ class Flow:
         self.bytes_out = 0
 
 
+class EgressFlow:
+    """One egress connection's byte counts (``FlowMeter`` reads the same names)."""
+
+    __slots__ = ("client_id", "bytes_in", "bytes_out")
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        #: Bytes from the destination to the client.
+        self.bytes_in = 0
+        #: Bytes from the client to the destination.
+        self.bytes_out = 0
+
+
+@dataclass(slots=True)
+class EgressTraffic:
+    """One client's egress (docs/egress.md): requests, connections, bytes."""
+
+    #: Egress requests read (each odd stream with a request line).
+    requests: int = 0
+    #: Connections made to a destination.
+    connected: int = 0
+    #: Egress streams open now (connecting or relaying).
+    open: int = 0
+    #: Bytes from the client to destinations.
+    bytes_sent: int = 0
+    #: Bytes from destinations to the client.
+    bytes_received: int = 0
+    refused: Counter[EgressRefusal] = field(default_factory=Counter)
+
+
+class EgressStats:
+    """Per-client egress counters; open flows' bytes are summed when read."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, EgressTraffic] = {}
+        self._open_flows: set[EgressFlow] = set()
+
+    def _client(self, client_id: str) -> EgressTraffic:
+        traffic = self._clients.get(client_id)
+        if traffic is None:
+            traffic = self._clients[client_id] = EgressTraffic()
+        return traffic
+
+    def started(self, client_id: str) -> None:
+        """An egress stream opened (it counts against the client's maximum)."""
+        traffic = self._client(client_id)
+        traffic.requests += 1
+        traffic.open += 1
+
+    def open_count(self, client_id: str) -> int:
+        """Egress streams of the client open now."""
+        traffic = self._clients.get(client_id)
+        return traffic.open if traffic is not None else 0
+
+    def refused(self, client_id: str, reason: EgressRefusal) -> None:
+        """An egress request refused (or its connection failed), for ``reason``."""
+        self._client(client_id).refused[reason] += 1
+
+    def connected(self, client_id: str) -> EgressFlow:
+        """A connection to the destination is up: its bytes count from now."""
+        self._client(client_id).connected += 1
+        flow = EgressFlow(client_id)
+        self._open_flows.add(flow)
+        return flow
+
+    def ended(self, client_id: str, flow: EgressFlow | None) -> None:
+        """An egress stream ended; its bytes join the closed totals."""
+        traffic = self._client(client_id)
+        traffic.open -= 1
+        if flow is not None and flow in self._open_flows:
+            self._open_flows.discard(flow)
+            traffic.bytes_sent += flow.bytes_out
+            traffic.bytes_received += flow.bytes_in
+
+    @property
+    def clients(self) -> dict[str, EgressTraffic]:
+        """Per-client egress, open connections' bytes included (a snapshot)."""
+        out = {
+            k: EgressTraffic(
+                t.requests,
+                t.connected,
+                t.open,
+                t.bytes_sent,
+                t.bytes_received,
+                Counter(t.refused),
+            )
+            for k, t in self._clients.items()
+        }
+        for flow in self._open_flows:
+            out[flow.client_id].bytes_sent += flow.bytes_out
+            out[flow.client_id].bytes_received += flow.bytes_in
+        return out
+
+
 class GatewayStats:
     """Every counter of the gateway role.
 
@@ -237,6 +332,8 @@ class GatewayStats:
         self.on_limit: Callable[[Limit, dict[str, object]], None] | None = None
         #: UDP flows and datagrams (docs/udp.md).
         self.udp = UdpStats()
+        #: Egress through the gateway, per client (docs/egress.md).
+        self.egress = EgressStats()
         self._open_flows: set[Flow] = set()
         self._tunnels: dict[TunnelKey, Traffic] = {}
         self._clients: dict[str, Traffic] = {}

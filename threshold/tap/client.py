@@ -7,6 +7,8 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import (
     HostnameEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
     UNIXServerEndpoint,
     wrapClientTLS,
 )
@@ -18,6 +20,7 @@ from threshold.client.gateway import GatewayLink
 from threshold.client.health import HealthMonitor, tcp_probe
 from threshold.client.service import reconnecting_service
 from threshold.client.settings import ClientSettings
+from threshold.client.socks import SocksFactory
 from threshold.config import ClientConfig, load_client_config
 from threshold.config.client import ServerEntry
 from threshold.logs import observer as log_observer
@@ -101,6 +104,14 @@ def build_client(config: ClientConfig, reactor: Any) -> MultiService:
             reactor,
             initial_delay=config.reconnect_initial_delay_seconds,
             max_delay=config.reconnect_max_delay_seconds,
+        ).setServiceParent(top)
+    if config.egress is not None:
+        # The local SOCKS5 proxy out through a gateway (docs/egress.md).
+        host, port = config.egress.socks_listen
+        host = "127.0.0.1" if host == "localhost" else host
+        endpoint = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+        listener(
+            endpoint(reactor, port, interface=host), SocksFactory(settings, links)
         ).setServiceParent(top)
     if config.admin_socket is not None:
         # Imported only when configured: klein and twisted.web are about a

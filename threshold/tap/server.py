@@ -23,6 +23,7 @@ from threshold.server import metrics
 from threshold.server.api import ManagementAPI
 from threshold.server.certinfo import read_file as read_certificate
 from threshold.server.control import ControlSettings
+from threshold.server.egress import EgressSettings
 from threshold.server.events_metrics import EventCollector
 from threshold.server.events_service import build_events
 from threshold.server.frontend import FrontendLimits
@@ -124,6 +125,7 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         policy=PolicySettings.from_config(config),
         udp_reactor=reactor,
         udp_limits=UdpLimits.from_config(config),
+        egress=EgressSettings.from_config(config),
         history=HistorySettings(interval=config.status_sample_interval_seconds),
     )
     top = MultiService()

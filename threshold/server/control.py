@@ -135,8 +135,8 @@ class ControlCounters(Protocol):
     def handshake_failed(self, reason: HandshakeFailure) -> None:
         """One handshake refused, for this reason."""
 
-    def limit_hit(self, limit: Limit) -> None:
-        """One hit of ``limit``."""
+    def limit_hit(self, limit: Limit, **where: object) -> None:
+        """One hit of ``limit``; ``where``: whose (``source=``)."""
 
 
 _READ = frozenset({ControlState.READING_HELLO, ControlState.ACCEPTED})
@@ -472,7 +472,9 @@ class ControlFactory(Factory):
         admission = self.pending.admit(source, control)
         if not admission.admitted:
             if admission.refusal is Refusal.PER_SOURCE:
-                self.counters.limit_hit(Limit.PENDING_HANDSHAKES_PER_SOURCE)
+                self.counters.limit_hit(
+                    Limit.PENDING_HANDSHAKES_PER_SOURCE, source=source
+                )
                 log.warn(
                     "control connection from {peer} refused: {source} has "
                     "{count} handshakes pending (MaxPendingHandshakesPerSourceIp)",

@@ -286,7 +286,9 @@ class LimitDigest:
         self._emit(limit, window.count, window.data, len(window.subjects))
         self._windows[limit] = _Window(self._timer(limit))
 
-    def _emit(self, limit: str, count: int, where: dict[str, Any], subjects: int) -> None:
+    def _emit(
+        self, limit: str, count: int, where: dict[str, Any], subjects: int
+    ) -> None:
         self.feed.emit(
             EventType.LIMIT_HIT,
             Limit=limit,

@@ -44,8 +44,10 @@ def tunnel_json(tunnel: Tunnel) -> dict[str, Any]:
     }
 
 
-def _key_text(key: TunnelKey) -> str:
-    address, port, glob = key[0], key[1], key[2]
+def _key_text(key: TunnelKey | tuple[str, int]) -> str:
+    """A tunnel key (or a group's address and port) in events."""
+    address, port = key[0], key[1]
+    glob = key[2] if len(key) > 2 else "*"
     text = format_address(address, port)
     return text if glob == "*" else f"{text} {glob}"
 

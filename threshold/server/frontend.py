@@ -158,7 +158,9 @@ class PublicConnection(RetryingRelay, TimeoutMixin):
         denied = factory.admission.admit(self, factory.key, self.transport.getPeer())
         if denied is not None:
             stats.refuse(denied.reason)
-            stats.limit_hit(denied.limit)
+            stats.limit_hit(
+                denied.limit, tunnel=factory.key, source=self.transport.getPeer().host
+            )
             log.warn(
                 "{peer} on {group} refused: {why} (limit)",
                 peer=self._peer(),

@@ -262,7 +262,9 @@ class GatewayPolicy:
             if not self.limiter.allow(
                 (tunnel.key, source), plan.rate, plan.burst, self.clock.seconds()
             ):
-                self.stats.limit_hit(Limit.NEW_CONNECTION_RATE)
+                self.stats.limit_hit(
+                    Limit.NEW_CONNECTION_RATE, tunnel=tunnel.key, source=host
+                )
                 return self._refuse(Refusal.RATE_LIMITED, tunnel, subject, host)
         return None
 
@@ -358,7 +360,7 @@ class GatewayPolicy:
         public.give_up(abort=True)
 
     def _exceeded(self, account: QuotaAccount) -> None:
-        self.stats.limit_hit(Limit.QUOTA)
+        self.stats.limit_hit(Limit.QUOTA, client=account.client_id)
         log.warn(
             "client {client_id}: quota of {limit} bytes for the {period} from"
             " {start} reached ({used} used): new connections refused{cut}",

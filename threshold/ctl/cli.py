@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
 import traceback
@@ -23,6 +22,9 @@ from twisted.internet.task import react
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from threshold.config import ConfigError
+from threshold.ctl.doctor_cli import add_parser as add_doctor_parser
+from threshold.ctl.doctor_cli import check_options as check_doctor_options
+from threshold.ctl.doctor_cli import run_doctor
 from threshold.ctl.errors import (
     EXIT_BUG,
     EXIT_OK,
@@ -32,6 +34,9 @@ from threshold.ctl.errors import (
     UsageError,
 )
 from threshold.ctl.exchange import Target, call, json_answer
+from threshold.ctl.output import Format, dump_json, tunnels_table
+from threshold.ctl.progress import progress_for
+from threshold.ctl.status import clients_table, gather, render
 from threshold.tls import ClientCertPolicy
 from threshold.wire import strictjson
 
@@ -103,6 +108,13 @@ def _add_globals(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]) -
         default=defaults["compact"],
         help="print JSON on one line",
     )
+    parser.add_argument(
+        "--output",
+        choices=[f.value for f in Format],
+        default=defaults["output"],
+        help="json for scripts, table for people (default: json for ping,"
+        " clients and tunnels; table for status and doctor)",
+    )
 
 
 def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -110,7 +122,7 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     top_defaults: dict[str, Any] = {
         dest: environ.get(name) or None for dest, name in _ENV.items()
     }
-    top_defaults.update(timeout=DEFAULT_TIMEOUT, compact=False)
+    top_defaults.update(timeout=DEFAULT_TIMEOUT, compact=False, output=None)
     # On subcommands a default would overwrite what was given before the
     # command, so there they only set what is given.
     sub_defaults = dict.fromkeys(top_defaults, argparse.SUPPRESS)
@@ -136,7 +148,11 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         metavar="FILE",
         help="a JSON list of tunnels; - for stdin",
     )
-    for sub in (ping, clients, tunnels, get, put):
+    status_parser = commands.add_parser(
+        "status", help="print clients and tunnels with their state and traffic"
+    )
+    doctor = add_doctor_parser(commands)
+    for sub in (ping, clients, tunnels, get, put, status_parser, doctor):
         _add_globals(sub, sub_defaults)
     return parser
 
@@ -240,18 +256,29 @@ def _read_tunnels(path: str, stdin: IO[bytes]) -> bytes:
     return data
 
 
+def _format(args: argparse.Namespace) -> Format:
+    """``--output``, else the command's default (docs/ctl.md)."""
+    if args.output is not None:
+        return Format(args.output)
+    return Format.TABLE if args.command in ("status", "doctor") else Format.JSON
+
+
 async def _command(
     reactor: Any,
     args: argparse.Namespace,
     stdin: IO[bytes],
     stdout: IO[str],
-) -> None:
-    """Check everything, then make the one request the command needs."""
+    stderr: IO[str],
+) -> int:
+    """Check everything, then make the requests the command needs."""
     base_url, scheme = _base_url(args.server)
     policy = _https_policy(args) if scheme == "https" else None
+    output = _format(args)
     body = None
     if args.command == "tunnels" and args.action == "put":
         body = _read_tunnels(args.file, stdin)
+    if args.command == "doctor":
+        check_doctor_options(args)
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     if policy is not None:
@@ -264,18 +291,42 @@ async def _command(
     try:
         if args.command == "ping":
             _, _, content = await call(reactor, target, "GET", "/ping")
-            stdout.write(content.decode("utf-8", "replace").strip() + "\n")
-            return
+            text = content.decode("utf-8", "replace").strip()
+            if output is Format.JSON and args.output is not None:
+                stdout.write(dump_json(text, args.compact))
+            else:
+                stdout.write(text + "\n")
+            return EXIT_OK
+        if args.command == "status":
+            answer = await gather(reactor, target)
+            stdout.write(
+                render(answer)
+                if output is Format.TABLE
+                else dump_json(answer, args.compact)
+            )
+            return EXIT_OK
+        if args.command == "doctor":
+            return await run_doctor(reactor, args, target, policy, output, stdout)
         if args.command == "clients":
             answer = json_answer(*await call(reactor, target, "GET", "/clients"))
         elif args.action == "get":
             answer = json_answer(*await call(reactor, target, "GET", "/tunnels"))
         else:
-            answer = json_answer(*await call(reactor, target, "PUT", "/tunnels", body))
+            assert body is not None
+            progress = progress_for(stderr, reactor, "tunnels put", len(body))
+            answer = json_answer(
+                *await call(reactor, target, "PUT", "/tunnels", body, progress)
+            )
     finally:
         # Wait for the connection to close, so nothing is left behind.
         await pool.closeCachedConnections()
-    stdout.write(json.dumps(answer, indent=None if args.compact else 2) + "\n")
+    if output is Format.JSON:
+        stdout.write(dump_json(answer, args.compact))
+    elif args.command == "clients":
+        stdout.write(clients_table(answer))
+    else:
+        stdout.write(tunnels_table(answer))
+    return EXIT_OK
 
 
 def run(
@@ -302,7 +353,7 @@ def run(
             return parsed
         source = stdin if stdin is not None else _stdin_bytes()
         try:
-            await _command(reactor, parsed, source, out)
+            return await _command(reactor, parsed, source, out, err)
         except CtlError as e:
             err.write(e.line() + "\n")
             return e.exit_status
@@ -310,7 +361,6 @@ def run(
             err.write(f"{PROG}: internal error, please report it:\n")
             err.write(traceback.format_exc())
             return EXIT_BUG
-        return EXIT_OK
 
     return Deferred.fromCoroutine(go())
 

@@ -36,6 +36,7 @@ from threshold.ctl.errors import (
     UnreachableError,
     one_line,
 )
+from threshold.ctl.progress import Progress
 
 # The API's answers are small (a tunnel list is at most the server's body
 # limit, 1 MiB by default); anything far larger is not the API.
@@ -79,6 +80,19 @@ def _tls_reasons(failure_value: BaseException) -> str:
         if isinstance(item, tuple) and item:
             reasons.append(str(item[-1]))
     return ", ".join(r for r in reasons if r) or str(failure_value) or "unknown"
+
+
+class _CountingReader(io.BytesIO):
+    """The body, telling the progress line each chunk the producer takes."""
+
+    def __init__(self, body: bytes, progress: Progress) -> None:
+        super().__init__(body)
+        self._progress = progress
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        self._progress.on_sent(len(chunk))
+        return chunk
 
 
 _TLS_HINTS = {
@@ -135,7 +149,12 @@ def _phrase(status: int, phrase: bytes | None) -> str:
 
 
 async def _exchange(
-    reactor: Any, target: Target, method: str, path: str, body: bytes | None
+    reactor: Any,
+    target: Target,
+    method: str,
+    path: str,
+    body: bytes | None,
+    progress: Progress | None,
 ) -> tuple[int, str, bytes]:
     """Send one request; return the status, its phrase and the body."""
     headers: dict[bytes, list[bytes]] = {
@@ -147,7 +166,10 @@ async def _exchange(
         headers[b"Content-Type"] = [b"application/json"]
         # On the given reactor, not the global one Twisted's default uses.
         cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-        producer = FileBodyProducer(io.BytesIO(body), cooperator=cooperator)
+        source = (
+            io.BytesIO(body) if progress is None else _CountingReader(body, progress)
+        )
+        producer = FileBodyProducer(source, cooperator=cooperator)
     # The Agent is called directly, not through treq's HTTPClient: treq
     # re-encodes the URL with hyperlink, which fails on IPv6 literals
     # (python-hyper/hyperlink#68).
@@ -157,6 +179,8 @@ async def _exchange(
         Headers(headers),
         producer,
     )
+    if progress is not None:
+        progress.on_answer()
     chunks: list[bytes] = []
     size = 0
 
@@ -170,16 +194,27 @@ async def _exchange(
                 f"the answer is larger than {MAX_ANSWER_BYTES} bytes",
             )
         chunks.append(data)
+        if progress is not None:
+            progress.on_received(len(data))
 
     await collect(response, collector)
     return response.code, _phrase(response.code, response.phrase), b"".join(chunks)
 
 
 async def call(
-    reactor: Any, target: Target, method: str, path: str, body: bytes | None = None
+    reactor: Any,
+    target: Target,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    progress: Progress | None = None,
 ) -> tuple[int, str, bytes]:
-    """One request within the timeout; raise CtlError unless it is a 2xx."""
-    d = Deferred.fromCoroutine(_exchange(reactor, target, method, path, body))
+    """One request within the timeout; raise CtlError unless it is a 2xx.
+
+    ``progress``, when given, is told the bytes sent and received, and
+    stopped (its line erased) when the call ends, whichever way.
+    """
+    d = Deferred.fromCoroutine(_exchange(reactor, target, method, path, body, progress))
     d.addTimeout(target.timeout, reactor)
     try:
         status, phrase, content = await d
@@ -189,6 +224,9 @@ async def call(
         raise UnreachableError(
             f"cannot reach {target.base_url}: {describe(e, target)}"
         ) from None
+    finally:
+        if progress is not None:
+            progress.done()
     if not 200 <= status < 300:
         raise AnswerError(status, phrase, error_message(content))
     return status, phrase, content

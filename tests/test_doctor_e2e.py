@@ -10,18 +10,21 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from tests.certs import test_pki
 from tests.doctorkit import DnsServer, http_backend
 from tests.support import Deployment, free_port, tunnel, wait_until
 from tests.test_ctl import call
 from threshold.config.client import HealthCheck
 from threshold.ctl import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from threshold.ctl.doctor_facts import EXIT_BROKEN, EXIT_WARNING
+from threshold.keygen import KeyPair, make_client_cert, make_server_cert, write_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT = "TestClient1"
@@ -287,37 +290,50 @@ class DoctorDeploymentTests(TestCase):
             "skipped certificate The gateway reports no certificate (it runs"
             " without TLS).",
         )
-        self.assertNotRegex(result.out, r"
-  \S+ +certificate +TestClient1")
+        self.assertNotRegex(result.out, r"\n  \S+ +certificate +TestClient1")
 
 
 class DoctorCertificateTests(TestCase):
-    """A gateway whose certificate expires soon: a warning, exit 4."""
+    """Certificates expiring soon (made with a short validity): warnings, exit 4."""
 
     timeout = 60
 
-    @inlineCallbacks
-    def test_server_certificate_expiring(self):
-        from tests.certs import test_pki
-        from threshold.keygen import KeyPair, make_server_cert, write_pair
+    def short_lived(self, pair: Any) -> tuple[str, str]:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        cert, key = os.path.join(directory, "c.crt"), os.path.join(directory, "c.key")
+        write_pair(pair, cert, key)
+        return cert, key
 
+    @inlineCallbacks
+    def test_certificates_expiring(self):
+        """The gateway's in 10 days, the client's in 5: both said, with the fix."""
         pki = test_pki()
         with open(pki.ca_cert, "rb") as c, open(pki.ca_key, "rb") as k:
             ca = KeyPair(c.read(), k.read())
-        directory = self.mktemp()
-        os.mkdir(directory)
-        cert, key = os.path.join(directory, "s.crt"), os.path.join(directory, "s.key")
-        write_pair(
-            make_server_cert(ca, ["localhost"], ["127.0.0.1"], days=10), cert, key
+        server_cert, server_key = self.short_lived(
+            make_server_cert(ca, ["localhost"], ["127.0.0.1"], days=10)
         )
+        client_cert, client_key = self.short_lived(make_client_cert(ca, CLIENT, days=5))
         deployment = Deployment(
             True,
             self.mktemp(),
-            server_tls_certificate_file=cert,
-            server_tls_key_file=key,
+            server_tls_certificate_file=server_cert,
+            server_tls_key_file=server_key,
         )
         self.addCleanup(deployment.stop)
         deployment.start_server()
+        backend = yield http_backend()
+        self.addCleanup(backend.stopListening)
+        deployment.start_client(
+            CLIENT,
+            {"web": ("127.0.0.1", backend.getHost().port)},
+            client_tls_certificate_file=client_cert,
+            client_tls_key_file=client_key,
+        )
+        yield deployment.wait_connected(CLIENT)
+        code, body = yield deployment.put_tunnels([tunnel(CLIENT, free_port(), "web")])
+        self.assertEqual(code, 200, body)
         result = yield call(
             reactor,
             [
@@ -330,10 +346,22 @@ class DoctorCertificateTests(TestCase):
         )  # fmt: skip
         self.assertEqual(result.status, EXIT_WARNING, result)
         text = " ".join(result.out.split())
-        self.assertRegex(text, r"WARNING certificate The (gateway|management API)'s")
-        self.assertRegex(text, r"certificate expires in (9|10) days, on ")
+        self.assertRegex(
+            text,
+            r"WARNING certificate The gateway's certificate expires in"
+            r" (9|10) days",
+        )
         self.assertIn("What to do: Make a new server certificate", text)
-        self.assertIn("result: warning", text)
+        self.assertRegex(
+            text, r"WARNING certificate TestClient1's certificate expires in (4|5) days"
+        )
+        self.assertIn(
+            "What to do: Make a new certificate (threshold-keygen client --ca-dir pki"
+            " --out pki TestClient1)",
+            text,
+        )
+        self.assertIn("ok backend", text)
+        self.assertIn("result: warning: 1 tunnel, 0 broken, 1 with warnings", text)
 
 
 class DoctorProcessTests(TestCase):

@@ -28,6 +28,7 @@ from threshold.server.registry import (
     user_streams,
 )
 from threshold.server.stats import GatewayStats, HandshakeFailure, Refusal
+from threshold.server.udp_metrics import UdpCollector
 from threshold.wire.egress import EgressRefusal
 
 if TYPE_CHECKING:
@@ -365,6 +366,7 @@ def server_registry(server: _Gateway) -> CollectorRegistry:
     registry.register(
         ServerCollector(server.stats, server.registry, getattr(server, "serving", None))
     )
+    registry.register(UdpCollector(server.stats.udp))
     policy = getattr(server, "policy", None)
     if policy is not None:
         registry.register(PolicyCollector(policy))

@@ -24,6 +24,7 @@ once a minute per tunnel and reason.
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,24 @@ if TYPE_CHECKING:
 __all__ = ["UdpFrontend", "UdpFrontends", "UdpLimits"]
 
 log = Logger(observer=log_observer)
+
+
+#: Kernel buffer asked for a tunnel's socket, each way (capped by the host's
+#: net.core.rmem_max/wmem_max): one socket takes every user's datagrams, and
+#: the default (about 200 KiB) drops bursts of a few hundred.
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def set_buffers(port: object, size: int) -> None:
+    """Ask for ``size`` bytes of kernel buffer on a UDP port (best effort)."""
+    handle = getattr(port, "socket", None)
+    if handle is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            handle.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -117,6 +136,7 @@ class UdpFrontends:
         listening = self.reactor.listenUDP(
             port, frontend, interface=host, maxPacketSize=self.limits.max_datagram + 1
         )
+        set_buffers(listening, SOCKET_BUFFER)
         self.frontends[key] = frontend
         return listening
 

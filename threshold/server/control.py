@@ -57,7 +57,8 @@ if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
     from threshold.mux.stream import Stream
-    from threshold.server.egress import EgressGate, EgressStream
+    from threshold.server.egress import EgressStream
+    from threshold.server.egress_gate import EgressGate
     from threshold.server.registry import ClientRegistry
 
 __all__ = [

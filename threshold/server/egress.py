@@ -25,25 +25,17 @@ result, bytes each way, duration.
 from __future__ import annotations
 
 import enum
-import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.protocol import Factory
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from threshold.config.egress import NO_EGRESS_POLICY, ClientEgress
 from threshold.logs import observer as log_observer
 from threshold.relay import PrefixRelay, RelayEnd, RelayState, tune_transport
 from threshold.schema.kinds import format_address
 from threshold.schema.policy_kinds import parse_ip
-from threshold.server.shaping import Direction, FlowMeter
 from threshold.wire.egress import (
     EgressError,
     EgressRefusal,
@@ -55,64 +47,56 @@ from threshold.wire.egress import (
 from threshold.wire.handshake import HandshakeError, LineBuffer
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTCP, IReactorTime
+    from twisted.internet.interfaces import IReactorTime
 
-    from threshold.server.policy import GatewayPolicy
+    from threshold.config.egress import ClientEgress
+    from threshold.server.shaping import FlowMeter
     from threshold.server.stats import EgressFlow, GatewayStats
 
-__all__ = [
-    "EgressGate",
-    "EgressPhase",
-    "EgressSettings",
-    "EgressStream",
-    "getaddrinfo_resolver",
-]
+__all__ = ["MAX_ADDRESSES", "EgressPhase", "EgressStream", "Gate"]
 
 log = Logger(observer=log_observer)
 
 #: Resolved addresses tried per request, at most (one lookup can give many).
 MAX_ADDRESSES = 8
 
-#: ``resolve(host, port)``: the IP addresses of a name, in the order to try.
-Resolver = Callable[[str, int], "Deferred[list[str]]"]
 
+class Gate(Protocol):
+    """What an egress stream needs of the gateway (an ``EgressGate``)."""
 
-def _addresses(infos: list[Any]) -> list[str]:
-    seen: list[str] = []
-    for family, _type, _proto, _name, sockaddr in infos:
-        if family in (socket.AF_INET, socket.AF_INET6):
-            host = sockaddr[0].split("%", 1)[0]
-            if host not in seen:
-                seen.append(host)
-    return seen
+    clock: IReactorTime
+    stats: GatewayStats
 
+    @property
+    def connect_timeout(self) -> float:
+        """``EgressConnectTimeoutSeconds``."""
+        ...
 
-def getaddrinfo_resolver(host: str, port: int) -> Deferred[list[str]]:
-    """The addresses of ``host`` from the system's resolver, in a thread."""
-    d = deferToThread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-    d.addCallback(_addresses)
-    return d
+    def rules(self, client_id: str) -> ClientEgress:
+        """The client's rules (after :meth:`admit` let it in)."""
+        ...
 
+    def admit(self, client_id: str) -> tuple[EgressRefusal, str] | None:
+        """A refusal and why, or None when the client may connect out now."""
+        ...
 
-@dataclass(frozen=True)
-class EgressSettings:
-    """What the gate needs from the server config."""
+    def resolve(self, host: str, port: int) -> Deferred[list[str]]:
+        """The IP addresses of a name."""
+        ...
 
-    #: ``EgressPolicy``: ClientId -> its rules; empty: egress is off.
-    policies: Mapping[str, ClientEgress] = field(
-        default_factory=lambda: NO_EGRESS_POLICY
-    )
-    max_per_client: int = 64
-    connect_timeout: float = 10.0
+    def connect(
+        self, host: str, port: int, target: RelayEnd, timeout: float
+    ) -> Deferred[Any]:
+        """Connect ``target`` to the IP address ``host``."""
+        ...
 
-    @classmethod
-    def from_config(cls, config: Any) -> EgressSettings:
-        """The settings of a :class:`~threshold.config.ServerConfig`."""
-        return cls(
-            policies=config.egress_policy,
-            max_per_client=config.max_egress_connections_per_client,
-            connect_timeout=config.egress_connect_timeout_seconds,
-        )
+    def meter(self, stream: EgressStream, target: RelayEnd) -> FlowMeter | None:
+        """The stream's quota and bandwidth charge, if any applies."""
+        ...
+
+    def quiet_log(self, client_id: str, reason: EgressRefusal, why: str) -> None:
+        """Log a refusal at most once a minute per client and reason."""
+        ...
 
 
 class EgressPhase(enum.Enum):
@@ -184,20 +168,10 @@ class _Target(RelayEnd):
         super().dataReceived(data)
 
 
-class _OneShot(Factory):
-    noisy = False
-
-    def __init__(self, protocol: RelayEnd) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: object) -> RelayEnd:  # noqa: N802
-        return self._protocol
-
-
 class EgressStream(PrefixRelay):
     """An odd stream a client opened: request, checks, connection, relay."""
 
-    def __init__(self, gate: EgressGate, client_id: str) -> None:
+    def __init__(self, gate: Gate, client_id: str) -> None:
         super().__init__()
         self.gate = gate
         self.client_id = client_id
@@ -255,8 +229,8 @@ class EgressStream(PrefixRelay):
         if refusal is not None:
             self._refuse(*refusal)
             return
-        self.rules = self.gate.settings.policies[self.client_id]
-        self._deadline = self.gate.clock.seconds() + self.gate.settings.connect_timeout
+        self.rules = self.gate.rules(self.client_id)
+        self._deadline = self.gate.clock.seconds() + self.gate.connect_timeout
         host = self.request.host
         if parse_ip(host) is not None:
             self._move(EgressPhase.CONNECTING)
@@ -265,7 +239,7 @@ class EgressStream(PrefixRelay):
         self._move(EgressPhase.RESOLVING)
         self.resolved = []
         d = self.gate.resolve(host, self.request.port)
-        d.addTimeout(self.gate.settings.connect_timeout, self.gate.clock)
+        d.addTimeout(self.gate.connect_timeout, self.gate.clock)
         self._pending = d
         d.addCallbacks(self._resolved, self._not_resolved)
 
@@ -429,111 +403,4 @@ class EgressStream(PrefixRelay):
             received=flow.bytes_in if flow is not None else 0,
             duration=self.gate.clock.seconds() - self.started,
             client_id=self.client_id,
-        )
-
-
-class EgressGate:
-    """The gateway's egress: the policy in force, connections, counters.
-
-    ``reactor`` connects out (and is the clock); ``resolve`` looks names
-    up (:func:`getaddrinfo_resolver` by default); ``policy`` holds the
-    clients' quota accounts and bandwidth buckets.
-    """
-
-    def __init__(
-        self,
-        settings: EgressSettings,
-        reactor: Any,
-        stats: GatewayStats,
-        policy: GatewayPolicy | None = None,
-        resolve: Resolver | None = None,
-    ) -> None:
-        self.settings = settings
-        self.reactor: IReactorTCP = reactor
-        self.clock: IReactorTime = reactor
-        self.stats = stats
-        self.policy = policy
-        self.resolve: Resolver = resolve or getaddrinfo_resolver
-        self._logged: dict[tuple[str, EgressRefusal], float] = {}
-
-    def stream(self, client_id: str) -> EgressStream:
-        """The protocol of an odd stream the client opened."""
-        return EgressStream(self, client_id)
-
-    def admit(self, client_id: str) -> tuple[EgressRefusal, str] | None:
-        """Whether the client may connect out now (before looking at where)."""
-        settings = self.settings
-        if not settings.policies:
-            return EgressRefusal.DISABLED, "egress is not enabled on this gateway"
-        if client_id not in settings.policies:
-            return (
-                EgressRefusal.NO_POLICY,
-                f"client {client_id} has no EgressPolicy entry",
-            )
-        # This stream is counted already.
-        if self.stats.egress.open_count(client_id) > settings.max_per_client:
-            return (
-                EgressRefusal.LIMIT,
-                f"{settings.max_per_client} egress connections open"
-                " (MaxEgressConnectionsPerClient)",
-            )
-        if self.policy is not None:
-            account = self.policy.quota.account(client_id)
-            if account is not None and account.exceeded(self.clock.seconds()):
-                return EgressRefusal.QUOTA_EXCEEDED, "the client is over its quota"
-        return None
-
-    def connect(
-        self, host: str, port: int, target: RelayEnd, timeout: float
-    ) -> Deferred[Any]:
-        """Connect to the IP address ``host`` (never a name: no second lookup)."""
-        endpoint = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-        return endpoint(self.reactor, host, port, timeout=max(timeout, 0.001)).connect(
-            _OneShot(target)
-        )
-
-    def meter(self, stream: EgressStream, target: _Target) -> FlowMeter | None:
-        """The stream's quota and bandwidth charge, None when nothing applies.
-
-        Bytes towards the client draw from its upload bucket (the direction
-        of its tunnels' users' bytes), bytes out from its download bucket.
-        """
-        policy = self.policy
-        flow = stream.flow
-        if policy is None or flow is None:
-            return None
-        account = policy.quota.account(stream.client_id)
-        buckets = policy.bandwidth.client_pair(stream.client_id)
-        if account is None and buckets is None:
-            return None
-        out = back = None
-        if buckets is not None:
-            toward_client, away = buckets
-            out = Direction(
-                self.clock, (away,), lambda: stream.transport, lambda: target.transport
-            )
-            back = Direction(
-                self.clock,
-                (toward_client,),
-                lambda: target.transport,
-                lambda: stream.transport,
-            )
-        return FlowMeter(flow, self.clock, out, back, account, on_cut=stream.cut)  # type: ignore[arg-type]
-
-    def quiet_log(self, client_id: str, reason: EgressRefusal, why: str) -> None:
-        """Log a refusal a client may repeat fast: once a minute per reason."""
-        now = self.clock.seconds()
-        key = (client_id, reason)
-        last = self._logged.get(key)
-        if last is not None and now - last < 60:
-            return
-        if len(self._logged) > 10_000:
-            self._logged.clear()
-        self._logged[key] = now
-        log.info(
-            "egress {client_id}: refused ({reason}): {why}"
-            " (logged at most once a minute)",
-            client_id=client_id,
-            reason=reason.value,
-            why=why,
         )

@@ -23,7 +23,7 @@ from threshold.server.control import (
     ControlFactory,
     ControlSettings,
 )
-from threshold.server.egress import EgressGate, EgressSettings, Resolver
+from threshold.server.egress_gate import EgressGate, EgressSettings, Resolver
 from threshold.server.frontend import (
     FrontendFactory,
     FrontendLimits,

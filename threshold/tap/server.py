@@ -23,7 +23,7 @@ from threshold.server import metrics
 from threshold.server.api import ManagementAPI
 from threshold.server.certinfo import read_file as read_certificate
 from threshold.server.control import ControlSettings
-from threshold.server.egress import EgressSettings
+from threshold.server.egress_gate import EgressSettings
 from threshold.server.events_metrics import EventCollector
 from threshold.server.events_service import build_events
 from threshold.server.frontend import FrontendLimits

@@ -143,7 +143,7 @@ class UdpFlowEnd(StrEnum):
     #: The client ended the stream: unknown service, its local socket failed,
     #: or the client (its session) went away.
     STREAM_ENDED = "stream_ended"
-    #: The client's framing was malformed: the stream is reset.
+    #: The client's framing was malformed (the stream is reset) or cut short.
     MALFORMED = "malformed"
     #: The tunnel was removed or the gateway is stopping.
     CLOSED = "closed"

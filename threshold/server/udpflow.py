@@ -207,8 +207,15 @@ class UdpFlow(TimeoutMixin):
         self.end(UdpFlowEnd.IDLE)
 
     def stream_lost(self, reason: Failure) -> None:
-        """The client ended the stream (or its session is gone)."""
-        self.end(UdpFlowEnd.STREAM_ENDED)
+        """The client ended the stream (or its session is gone).
+
+        Bytes of an incomplete datagram left over mean the client's framing
+        was cut short: counted as malformed (the datagram is lost).
+        """
+        if self._decoder.pending:
+            self.end(UdpFlowEnd.MALFORMED)
+        else:
+            self.end(UdpFlowEnd.STREAM_ENDED)
 
     def give_up(self, abort: bool = False) -> None:
         """The policy cut the flow (quota)."""

@@ -33,6 +33,7 @@ from threshold.ctl.doctor_words import (
     judge_dns,
     judge_port,
     parse_time,
+    same_address,
 )
 from threshold.ctl.output import WIDTH, client_ids, tunnel_name
 
@@ -170,7 +171,9 @@ async def check_tunnel(
         finding = judge_dns(resolution, dict.fromkeys(ours))
         if add(finding):
             return report
-        mine = [a for a in resolution.addresses if a in ours]
+        mine = [
+            a for a in resolution.addresses if any(same_address(a, o) for o in ours)
+        ]
         if mine:
             host = mine[0]
     elif by_hostname:

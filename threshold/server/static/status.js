@@ -85,6 +85,13 @@
 
   // -- charts ----------------------------------------------------------------
 
+  // The time a chart spans: from its oldest sample (at least 20 intervals)
+  // up to the whole ring's span, so a young server's chart is not a sliver.
+  function chartSpan(samples, now, span, interval) {
+    const oldest = samples.Times.length ? samples.Times[0] : now;
+    return Math.min(span, Math.max(now - oldest, 20 * interval));
+  }
+
   // One small chart: lines over the last `span` seconds, newest at the right.
   function chart(title, samples, now, span, lines) {
     const box = svg("svg", {
@@ -102,6 +109,7 @@
       for (const v of samples[line.key] || []) if (v !== null && v > max) max = v;
     }
     const caption = el("figcaption", "", el("span", "", title));
+    const minutes = span >= 120 ? Math.round(span / 60) + " min" : Math.round(span) + " s";
     for (const line of lines) {
       const values = samples[line.key] || [];
       const points = [];
@@ -119,10 +127,12 @@
       caption.append(el("span", line.cls, line.name + " " + line.format(last(values))));
     }
     box.dataset.max = String(max);
+    caption.append(el("span", "", "peak " + lines[0].format(max) + " · " + minutes));
     return el("figure", "", box, caption);
   }
 
-  function trafficCharts(samples, now, span) {
+  function trafficCharts(samples, now, fullSpan, interval) {
+    const span = chartSpan(samples, now, fullSpan, interval);
     const perSecond = function (v) { return v === null ? "–" : bytes(v) + "/s"; };
     const count = function (v) { return v === null ? "–" : String(v); };
     return el(
@@ -256,7 +266,7 @@
           ["policy", policy(t)],
         ]),
       );
-      if (h) card.append(trafficCharts(h.Samples, history.Now, history.SpanSeconds));
+      if (h) card.append(trafficCharts(h.Samples, history.Now, history.SpanSeconds, history.IntervalSeconds));
       else card.append(el("p", "muted", "no history for this tunnel (past the sampled tunnels)"));
       return card;
     });
@@ -281,7 +291,7 @@
         ["refused", refusals(g.Refused)],
         ["sampled every", history.IntervalSeconds + " s"],
       ]),
-      trafficCharts(g.Samples, history.Now, history.SpanSeconds),
+      trafficCharts(g.Samples, history.Now, history.SpanSeconds, history.IntervalSeconds),
     );
     document.getElementById("gateway").replaceChildren(card);
   }

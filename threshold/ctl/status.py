@@ -38,11 +38,9 @@ def parse_traffic(text: str) -> dict[TunnelKey, dict[str, int]]:
     """Per tunnel (address, port, glob): its Traffic from the metrics text."""
     traffic: dict[TunnelKey, dict[str, int]] = {}
     for family in text_string_to_metric_families(text):
-        key_name = _TRAFFIC_METRICS.get(family.name)
-        if key_name is None:
-            continue
         for sample in family.samples:
-            if sample.name.endswith("_created"):
+            key_name = _TRAFFIC_METRICS.get(sample.name.removesuffix("_total"))
+            if key_name is None:
                 continue
             labels = sample.labels
             key = (
@@ -76,7 +74,10 @@ async def gather(reactor: Any, target: Target) -> dict[str, Any]:
         traffic = None
     entries = []
     for entry in tunnels.get("Tunnels", []) if isinstance(tunnels, dict) else []:
-        found = None if traffic is None else traffic.get(_key(entry), {})
+        found = None
+        if traffic is not None:
+            found = dict.fromkeys(_TRAFFIC_METRICS.values(), 0)
+            found.update(traffic.get(_key(entry), {}))
         entries.append({**entry, "Traffic": found})
     return {
         "Clients": clients,

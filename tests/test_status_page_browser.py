@@ -42,6 +42,7 @@ from tests.support import (
     tunnel,
     wait_until,
 )
+from threshold.keygen import KeyPair, make_p12
 
 #: A service name that would run script if the page built markup from data.
 HOSTILE = "<img src=x onerror=\"document.title='pwned'\"><b>svc</b>"
@@ -60,27 +61,27 @@ BROWSER_FLAGS = (
 
 
 def nss_home(directory: str, ca_cert: str, cert: str, key: str) -> str:
-    """A HOME whose NSS database trusts the CA and holds the client identity."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.serialization import pkcs12
+    """A HOME whose NSS database trusts the CA and holds the client identity.
 
+    The identity goes in as threshold-keygen's PKCS#12 (``make_p12``), the
+    file an operator imports into a browser.
+    """
     home = os.path.join(directory, "home")
     db = os.path.join(home, ".pki", "nssdb")
     os.makedirs(db)
-    with open(cert, "rb") as f:
-        certificate = x509.load_pem_x509_certificate(f.read())
-    with open(key, "rb") as f:
-        private_key = serialization.load_pem_private_key(f.read(), password=None)
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
     p12 = os.path.join(directory, "operator.p12")
     with open(p12, "wb") as f:
         f.write(
-            pkcs12.serialize_key_and_certificates(
-                b"operator",
-                private_key,  # type: ignore[arg-type]
-                certificate,
-                None,
-                serialization.BestAvailableEncryption(b"test"),
+            make_p12(
+                KeyPair(read(cert), read(key)),
+                KeyPair(read(ca_cert), b""),
+                "operator",
+                b"test",
             )
         )
 

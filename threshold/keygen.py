@@ -27,6 +27,7 @@ __all__ = [
     "main",
     "make_ca",
     "make_client_cert",
+    "make_p12",
     "make_server_cert",
     "write_pair",
 ]
@@ -231,6 +232,42 @@ def make_client_cert(ca: KeyPair, common_name: str, days: int = 825) -> KeyPair:
     return _leaf(ca, common_name, ExtendedKeyUsageOID.CLIENT_AUTH, days, None)
 
 
+def make_p12(pair: KeyPair, ca: KeyPair, name: str, password: bytes) -> bytes:
+    """A PKCS#12 file of a client's key, certificate and CA, for a browser.
+
+    Browsers and operating systems import client identities this way (the
+    status page needs the operator's). Protected by ``password``, with
+    AES-256 and PBKDF2 (what current browsers and NSS read).
+    """
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    if not password:
+        raise KeygenError("the PKCS#12 password must not be empty")
+    key = serialization.load_pem_private_key(pair.key_pem, password=None)
+    cert = x509.load_pem_x509_certificate(pair.cert_pem)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    return pkcs12.serialize_key_and_certificates(
+        name.encode("utf-8"),
+        key,  # type: ignore[arg-type]
+        cert,
+        [ca_cert],
+        serialization.BestAvailableEncryption(password),
+    )
+
+
+def _read_password(path: str) -> bytes:
+    """The first line of a file (a password never goes on the command line)."""
+    try:
+        with open(path, "rb") as f:
+            line = f.readline(4097)
+    except OSError as e:
+        raise KeygenError(f"cannot read {path}: {e.strerror}") from None
+    password = line.rstrip(b"\r\n")
+    if not password:
+        raise KeygenError(f"{path}: the first line (the password) is empty")
+    return password
+
+
 def _write(path: str, data: bytes, mode: int, force: bool) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     if not force:
@@ -311,6 +348,13 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("client_id", metavar="CLIENT_ID")
     client.add_argument("--domain", default=None, metavar="DOMAIN")
     client.add_argument("--days", type=int, default=825)
+    client.add_argument(
+        "--p12-password-file",
+        default=None,
+        metavar="FILE",
+        help="also write CLIENT_ID.p12 (key, certificate and CA, for a browser),"
+        " protected by the password on the first line of FILE",
+    )
 
     for p in (ca, server, client):
         p.add_argument("--force", action="store_true", help="overwrite existing files")
@@ -327,6 +371,7 @@ def _check_client_id(client_id: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> str:
+    p12: bytes | None = None
     if args.command == "ca":
         pair = make_ca(args.cn, days=args.days)
         stem = "ca"
@@ -344,10 +389,21 @@ def _run(args: argparse.Namespace) -> str:
         ca = _read_ca(args.ca_dir)
         pair = make_client_cert(ca, cn, days=args.days)
         stem = args.client_id
+        if args.p12_password_file is not None:
+            password = _read_password(args.p12_password_file)
+            p12 = make_p12(pair, ca, cn, password)
     os.makedirs(args.out, exist_ok=True)
     cert_path = os.path.join(args.out, stem + ".crt")
     key_path = os.path.join(args.out, stem + ".key")
+    p12_path = os.path.join(args.out, stem + ".p12")
+    if p12 is not None and not args.force and os.path.lexists(p12_path):
+        raise KeygenError(
+            f"{p12_path} already exists; not overwriting it (use --force)"
+        )
     write_pair(pair, cert_path, key_path, force=args.force)
+    if p12 is not None:
+        _write(p12_path, p12, 0o600, args.force)
+        return f"wrote {cert_path}, {key_path} and {p12_path}"
     return f"wrote {cert_path} and {key_path}"
 
 

@@ -81,3 +81,16 @@ def http_backend(expects_proxy: bool = False):
         factory = HAProxyWrappingFactory(factory)
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     return port
+
+
+@inlineCallbacks
+def tls_backend(cert_file: str, key_file: str):
+    """A real HTTPS server on loopback (Twisted's TLS); return its port."""
+    from twisted.internet import ssl
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    with open(cert_file, "rb") as c, open(key_file, "rb") as k:
+        identity = ssl.PrivateCertificate.loadPEM(c.read() + k.read())
+    endpoint = SSL4ServerEndpoint(reactor, 0, identity.options(), interface="127.0.0.1")
+    port = yield endpoint.listen(Site(_Page()))
+    return port

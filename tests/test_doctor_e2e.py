@@ -18,7 +18,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from tests.certs import test_pki
-from tests.doctorkit import DnsServer, http_backend
+from tests.doctorkit import DnsServer, http_backend, tls_backend
 from tests.support import Deployment, free_port, tunnel, wait_until
 from tests.test_ctl import call
 from threshold.config.client import HealthCheck
@@ -261,6 +261,52 @@ class DoctorDeploymentTests(TestCase):
             result.out,
             'BROKEN backend web answered "HTTP/1.1 400 Bad Request" to the PROXY'
             " header: it does not expect one",
+            "What to do: Set HaProxyProxyProtocol false",
+        )
+
+    @inlineCallbacks
+    def sni_tunnel(self, proxy: bool):
+        """An HTTPS backend behind a tunnel routed by the name app.test."""
+        pki = test_pki()
+        port = yield tls_backend(pki.server_cert, pki.server_key)
+        self.addCleanup(port.stopListening)
+        self.deployment.start_client(
+            CLIENT, {"web": ("127.0.0.1", port.getHost().port)}
+        )
+        yield self.deployment.wait_connected(CLIENT)
+        code, body = yield self.deployment.put_tunnels(
+            [
+                tunnel(
+                    CLIENT, self.port, "web", proxy=proxy, ListenHostnameGlob="app.test"
+                )
+            ]
+        )
+        self.assertEqual(code, 200, body)
+
+    @inlineCallbacks
+    def test_sni_tunnel_all_good(self):
+        """A hostname tunnel: its own name is resolved, a ClientHello is answered."""
+        yield self.sni_tunnel(proxy=False)
+        result = yield self.doctor()
+        self.assertEqual(result.status, EXIT_OK, result)
+        self.assertLine(
+            result.out,
+            f"tunnel 127.0.0.1:{self.port} app.test (service web, TestClient1)",
+            "ok dns app.test resolves to 127.0.0.1",
+            "ok backend web answered the TLS ClientHello with a handshake; no PROXY"
+            " header is sent, none seems expected.",
+        )
+
+    @inlineCallbacks
+    def test_sni_tunnel_proxy_not_expected(self):
+        """A TLS service that gets a PROXY header it does not expect: not ok."""
+        yield self.sni_tunnel(proxy=True)
+        result = yield self.doctor("app.test")
+        self.assertEqual(result.status, EXIT_WARNING, result)
+        self.assertLine(
+            result.out,
+            "WARNING backend web closed the connection without answering the PROXY"
+            " header and a TLS ClientHello: it may not expect a PROXY header.",
             "What to do: Set HaProxyProxyProtocol false",
         )
 

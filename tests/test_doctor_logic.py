@@ -183,6 +183,18 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(service.level, Level.WARNING)
         self.assertIn('home-b serves web, but home-a says "timed out"', service.message)
 
+    def test_older_gateway_without_clients_in_status(self):
+        """No Clients/Serving in the entry: the states come from GET /clients."""
+        tunnel = entry()
+        del tunnel["Clients"], tunnel["Serving"]
+        up = {"home-a": {"CurrentState": "ClientConnected"}}
+        self.assertEqual(
+            [f.level for f in judge_clients(tunnel, up)], [Level.OK, Level.OK]
+        )
+        down = {"home-a": {"CurrentState": "ClientClosed"}}
+        (found,) = judge_clients(tunnel, down)
+        self.assertEqual((found.check, found.level), (Check.CLIENT, Level.BROKEN))
+
     def test_one_of_two_not_connected_is_a_warning(self):
         tunnel = entry(
             ClientIds=["home-a", "home-b"],

@@ -125,6 +125,12 @@ def judge_clients(
     """
     ids = client_ids(entry)
     states = {c.get("ClientId"): c for c in entry.get("Clients") or []}
+    if "Clients" not in entry:
+        # An older gateway: GET /tunnels/status without Clients; its clients'
+        # states from GET /clients, each connected one counted healthy.
+        for i in ids:
+            up = (clients.get(i) or {}).get("CurrentState") == "ClientConnected"
+            states[i] = {"ClientId": i, "Connected": up, "Healthy": up}
     connected = [i for i in ids if (states.get(i) or {}).get("Connected")]
     away = [
         i for i in ids if i not in connected and (clients.get(i) or {}).get("GoingAway")
@@ -156,6 +162,8 @@ def judge_clients(
         )
     ]
     serving = list(entry.get("Serving") or [])
+    if "Serving" not in entry:
+        serving = [i for i in connected if states[i].get("Healthy")]
     sick = [
         (i, (states.get(i) or {}).get("Reason") or "unhealthy")
         for i in connected

@@ -12,6 +12,11 @@ buffer fills, stream data waits (streams keep it, within their windows, and
 pause their producers); control frames still go out. A slow stream never
 pauses the session: it just stops granting window to its peer.
 
+Writes: frames written while the session is corked (:meth:`MuxSession.cork`:
+while it acts on a slice of the peer's frames, and while a role opens a
+stream and writes its first bytes) go to the transport together, as one
+``writeSequence``: over TLS one record instead of one per frame.
+
 Fairness: one session acts on at most
 :data:`~threshold.mux.intake.FRAMES_PER_SLICE` frames per turn of the reactor
 (:mod:`threshold.mux.intake`), so one peer's flood of small frames cannot
@@ -139,6 +144,9 @@ class MuxSession(Protocol):
         self.write_blocked = False
         self._blocked_control = 0
         self._waiting: dict[int, Stream] = {}
+        # Corked: frames wait in _corked until the outermost uncork().
+        self._cork_depth = 0
+        self._corked: list[bytes] = []
         self._keepalive = Keepalive(
             clock, self.config, self._write, self._keepalive_expired
         )
@@ -237,6 +245,28 @@ class MuxSession(Protocol):
         """The transport's local address."""
         return self.transport.getHost() if self.transport is not None else None
 
+    def cork(self) -> None:
+        """Hold the frames written from now until the matching :meth:`uncork`.
+
+        Nested calls are counted; only the outermost uncork writes. Use
+        with ``try``/``finally``, around a run of writes that ends before
+        control returns to the reactor.
+        """
+        self._cork_depth += 1
+
+    def uncork(self) -> None:
+        """Write the frames held since the outermost :meth:`cork`, at once."""
+        self._cork_depth -= 1
+        if self._cork_depth == 0:
+            self._flush_corked()
+
+    def _flush_corked(self) -> None:
+        corked = self._corked
+        if corked:
+            self._corked = []
+            if self.state is not _CLOSED and self.transport is not None:
+                self.transport.writeSequence(corked)
+
     def buffered_bytes(self) -> int:
         """Bytes held by all streams, sending and receiving."""
         return sum(sum(s.buffered()) for s in self.streams.values())
@@ -310,9 +340,11 @@ class MuxSession(Protocol):
             log_frame(
                 self.log, self.name, "sent", TYPE_DATA, flags, stream_id, len(data)
             )
-        self.transport.writeSequence(
-            [encode_header(TYPE_DATA, flags, stream_id, len(data)), data]
-        )
+        header = encode_header(TYPE_DATA, flags, stream_id, len(data))
+        if self._cork_depth:
+            self._corked += (header, data)
+        else:
+            self.transport.writeSequence([header, data])
 
     def send_window_update(self, stream_id: int, flags: int, delta: int) -> None:
         """Write one Window Update frame."""
@@ -337,17 +369,25 @@ class MuxSession(Protocol):
         Nothing is left over once reading has stopped: after a protocol
         violation not one more frame is acted on, not even from this chunk.
         """
+        # What acting on the slice writes (window updates, ACKs, FINs, the
+        # Ping answer) goes out together at the end.
+        self.cork()
         try:
-            used = self._decoder.feed(data, FRAMES_PER_SLICE)
-        except (FrameError, ProtocolViolation) as e:
-            self._violation(str(e))
-            return b""
-        except Exception:
-            self.log.failure("{name}: internal error handling a frame", name=self.name)
-            self.go_away(GO_AWAY_INTERNAL_ERROR)
-            return b""
-        if self._keepalive.answer_due is not None and not self.write_blocked:
-            self._keepalive.send_answer()
+            try:
+                used = self._decoder.feed(data, FRAMES_PER_SLICE)
+            except (FrameError, ProtocolViolation) as e:
+                self._violation(str(e))
+                return b""
+            except Exception:
+                self.log.failure(
+                    "{name}: internal error handling a frame", name=self.name
+                )
+                self.go_away(GO_AWAY_INTERNAL_ERROR)
+                return b""
+            if self._keepalive.answer_due is not None and not self.write_blocked:
+                self._keepalive.send_answer()
+        finally:
+            self.uncork()
         if used == len(data) or self.state not in READING:
             return b""
         return data[used:]
@@ -459,6 +499,7 @@ class MuxSession(Protocol):
     def _close_transport(self, stop_reading: bool = False) -> None:
         if self.transport is None or not self._move(SessionEvent.CLOSE):
             return
+        self._flush_corked()  # a Go Away held by a cork goes out first
         self._input.stop()  # nothing more is acted on
         if stop_reading:
             # After an error the peer is not even read (the kernel's buffer
@@ -509,4 +550,7 @@ class MuxSession(Protocol):
                     )
                 self.transport.abortConnection()
                 return
-        self.transport.write(data)
+        if self._cork_depth:
+            self._corked.append(data)
+        else:
+            self.transport.write(data)

@@ -244,13 +244,18 @@ class PublicConnection(RetryingRelay, TimeoutMixin):
             if session is None:
                 continue
             stream_end = StreamSide(self, client_id)
+            # The SYN and the opening bytes go out as one write (one TLS
+            # record): uncorked once the relay is set up, below.
+            session.cork()
             try:
                 stream = session.open_stream(stream_end)
             except StreamLimitReached as e:
+                session.uncork()
                 factory.stats.limit_hit(Limit.STREAMS_PER_SESSION)
                 why = str(e)
                 continue
             except SessionClosed as e:
+                session.uncork()
                 why = str(e)
                 continue
             break
@@ -277,6 +282,8 @@ class PublicConnection(RetryingRelay, TimeoutMixin):
             stream.abortConnection()
             self.give_up(abort=True)
             return
+        finally:
+            session.uncork()
         if not debugging():
             return  # the fields below cost more than the filtered event
         log.debug(

@@ -190,6 +190,8 @@ class EgressStream(PrefixRelay):
         self._candidates: list[str] = []
         self._last_failure: tuple[EgressRefusal, str] | None = None
         self._counted = False
+        #: Bytes the client sent while the connection was being made.
+        self._early = 0
         #: What the name resolved to (None for an IP address asked).
         self.resolved: list[str] | None = None
         self.refusal: EgressRefusal | None = None
@@ -225,6 +227,7 @@ class EgressStream(PrefixRelay):
             self._refuse(EgressRefusal.BAD_REQUEST, f"bad egress request: {e}")
             return
         self.hold(rest)
+        self._early = len(rest)
         refusal = self.gate.admit(self.client_id)
         if refusal is not None:
             self._refuse(*refusal)
@@ -326,6 +329,9 @@ class EgressStream(PrefixRelay):
         tune_transport(target.transport)
         self.target = target
         self.flow = self.gate.stats.egress.connected(self.client_id)
+        # What came after the request line goes out first (the meter
+        # charges it to the quota as it starts).
+        self.flow.bytes_out = self._early
         bound = target.transport.getHost()
         self.transport.write(encode_answer(bound.host, bound.port))
         self.meter = self.gate.meter(self, target)
@@ -340,6 +346,8 @@ class EgressStream(PrefixRelay):
             flow.bytes_out += len(data)
             if self.meter is not None:
                 self.meter.upload(len(data))
+        elif self.state is RelayState.HOLDING:
+            self._early += len(data)
         super().dataReceived(data)
 
     def received(self, count: int) -> None:

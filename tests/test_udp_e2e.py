@@ -321,3 +321,49 @@ class UdpTunnelTests(TestCase):
         self.assertIsNotNone(server.routes.listening_port(("127.0.0.1", port)))
         self.assertIsNotNone(server.routes.udp_port(("127.0.0.1", port)))
         yield deferLater(reactor, 0, lambda: None)
+
+    @inlineCallbacks
+    def test_window_full_drops_whole_datagrams(self):
+        """A stream held back (bandwidth) fills: answers are dropped, never cut.
+
+        The tunnel's 40 kB/s download pauses the flow's stream at the
+        gateway, its window runs out, and the client drops what does not
+        fit (UDP semantics) instead of buffering 1.2 MB.
+        """
+        echo, echo_port = self.echo(b"a" * 30000)
+        port = free_udp_port()
+        yield self.deploy(
+            {"echo": ("127.0.0.1", echo_port)},
+            [udp_tunnel(port, "echo", BandwidthBytesPerSecond=40000)],
+        )
+        user = self.user(port)
+        for seq in range(40):
+            user.send(b"%02d" % seq)
+        yield wait_until(lambda: len(echo.received) == 40, 10, "the service")
+        yield deferLater(reactor, 1.0, lambda: None)
+        self.assertGreater(len(user.answers), 0)
+        self.assertLess(len(user.answers), 40)
+        for answer in user.answers:
+            self.assertEqual(len(answer), 30002)
+            self.assertEqual(answer[:30000], b"a" * 30000)
+        seqs = [int(a[30000:]) for a in user.answers]
+        self.assertEqual(seqs, sorted(seqs))
+
+    @inlineCallbacks
+    def test_source_policy_applies(self):
+        """DenySourceCidrs refuses a UDP user before any stream is opened."""
+        echo, echo_port = self.echo()
+        port = free_udp_port()
+        yield self.deploy(
+            {"echo": ("127.0.0.1", echo_port)},
+            [udp_tunnel(port, "echo", DenySourceCidrs=["127.0.0.0/8"])],
+        )
+        user = self.user(port)
+        user.send(b"q")
+        stats = self.deployment.server.stats
+        yield wait_until(
+            lambda: stats.refused[Refusal.DENIED_SOURCE] == 1, 10, "refusal"
+        )
+        self.assertEqual(self.udp.dropped[UdpDrop.FLOW_REFUSED], 1)
+        self.assertEqual(self.udp.flows_opened, 0)
+        self.assertEqual(echo.received, [])

@@ -32,7 +32,7 @@ class UdpEcho(DatagramProtocol):
         self.port: Any = None
 
     def start(self, host: str = "127.0.0.1") -> int:
-        self.port = reactor.listenUDP(0, self, interface=host)
+        self.port = reactor.listenUDP(0, self, interface=host, maxPacketSize=65536)
         _buffers(self.port)
         return self.port.getHost().port
 
@@ -57,7 +57,7 @@ class UdpUser(DatagramProtocol):
         self.port: Any = None
 
     def start(self, port: int, host: str = "127.0.0.1") -> UdpUser:
-        self.port = reactor.listenUDP(0, self, interface=host)
+        self.port = reactor.listenUDP(0, self, interface=host, maxPacketSize=65536)
         _buffers(self.port)
         self.port.connect(host, port)
         return self

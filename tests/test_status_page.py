@@ -218,3 +218,72 @@ class AuthorizationTests(RoutesTestCase):
             self.assertEqual(answer.code, 403, path)
             self.assertNotIn(b"<html", answer.body)
             self.assertIn("client certificate", json.loads(answer.body)["error"])
+
+
+class InstalledPackageTests(SynchronousTestCase):
+    def test_wheel_install_serves_the_files(self):
+        """A (non-editable) wheel install has the page's files and serves them.
+
+        A copy of the checkout is built into a wheel and installed (no
+        network: no deps, no index, no build isolation) in a fresh venv
+        that sees this interpreter's packages; the installed statuspage
+        module, run from an unrelated folder, finds every file.
+        """
+        import shutil
+        import site
+        import subprocess
+        import sys
+        import tempfile
+
+        import setuptools
+
+        if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) < (70, 1):
+            self.skipTest("needs setuptools >= 70.1 (the test extras)")
+        work = tempfile.mkdtemp(prefix="threshold-wheel-")
+        self.addCleanup(shutil.rmtree, work, True)
+        source = os.path.join(work, "checkout")
+        ignore = shutil.ignore_patterns("__pycache__", "dropin.cache")
+        shutil.copytree(os.path.join(ROOT, "threshold"), f"{source}/threshold",
+                        ignore=ignore)  # fmt: skip
+        os.makedirs(f"{source}/twisted/plugins")
+        shutil.copy(
+            os.path.join(ROOT, "twisted", "plugins", "threshold_plugins.py"),
+            f"{source}/twisted/plugins/",
+        )
+        for name in ("setup.cfg", "pyproject.toml", "README.md"):
+            shutil.copy(os.path.join(ROOT, name), source)
+        venv = os.path.join(work, "venv")
+
+        def run(*argv: str, cwd: str | None = None) -> str:
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            result = subprocess.run(
+                argv, capture_output=True, text=True, timeout=120, cwd=cwd, env=env
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            return result.stdout
+
+        run(sys.executable, "-m", "venv", "--without-pip", venv)
+        python = os.path.join(venv, "bin", "python")
+        purelib = run(
+            python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"
+        ).strip()
+        with open(os.path.join(purelib, "deps.pth"), "w") as f:
+            f.write("\n".join(site.getsitepackages()) + "\n")
+        run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+            "--no-build-isolation", source)  # fmt: skip
+        elsewhere = os.path.join(work, "elsewhere")
+        os.makedirs(elsewhere)
+        listed = run(
+            python,
+            "-c",
+            "import threshold.server.statuspage as s;"
+            " print(s.__file__); print(sorted(s._files()))",
+            cwd=elsewhere,
+        ).splitlines()
+        self.assertTrue(listed[0].startswith(purelib), listed[0])
+        self.assertEqual(
+            listed[1],
+            str(
+                sorted(["favicon.svg", "index.html", "status.css", "status.js"])
+            ),  # fmt: skip
+        )

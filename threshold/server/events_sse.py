@@ -156,6 +156,8 @@ class Subscriber:
         self.backlog: deque[Event] = deque()
         self.done: Deferred[bytes] = Deferred(lambda d: self._gone())
         self.peer = str(getattr(request, "getClientAddress", lambda: "?")())
+        #: The id the reader resumed after (Last-Event-ID, ?since=), if any.
+        self.after: int | None = None
 
     # -- the feed -------------------------------------------------------------
 
@@ -277,6 +279,7 @@ class EventStreams:
         # Asks proxies such as nginx not to buffer the stream.
         request.setHeader(b"x-accel-buffering", b"no")
         subscriber = Subscriber(self, request, wants)
+        subscriber.after = after
         self.opened += 1
         request.write(b": threshold events\nretry: %d\n\n" % RETRY_MILLISECONDS)
         replay = self.feed.replay(after)

@@ -14,8 +14,11 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from tests.certs import test_pki
 from tests.doctorkit import DnsServer, http_backend, tls_backend
@@ -454,3 +457,47 @@ class DoctorProcessTests(TestCase):
         )
         self.assertEqual(status, EXIT_USAGE, err)
         self.assertIn(b"--dns-server", err)
+
+
+class _OlderGateway(Resource):
+    """The API of a gateway from before GET /server and CertificateNotAfter."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:  # noqa: N802
+        request.setHeader(b"content-type", b"application/json")
+        if request.path == b"/clients":
+            return json.dumps({CLIENT: {"CurrentState": "ClientClosed"}}).encode()
+        if request.path == b"/tunnels/status":
+            return json.dumps({"Tunnels": [], "NotRestored": []}).encode()
+        request.setResponseCode(404)
+        return b'{"error": "not found"}'
+
+
+class OlderGatewayTests(TestCase):
+    """A gateway that does not report certificates: doctor says it cannot check."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_cannot_check_certificates(self):
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Site(_OlderGateway())
+        )
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        result = yield call(reactor, ["--server", url, "doctor"])
+        self.assertEqual(result.status, EXIT_OK, result)
+        text = " ".join(result.out.split())
+        self.assertIn(
+            "skipped certificate Cannot check the gateway's certificate: GET /server"
+            " answers 404 Not Found: not found (an older gateway?), and the API is"
+            " plain http.",
+            text,
+        )
+        self.assertIn(
+            "skipped certificate Cannot check the clients' certificates: this"
+            " gateway's GET /clients does not report CertificateNotAfter",
+            text,
+        )
+        self.assertIn("result: all good: 0 tunnels", text)

@@ -1,8 +1,9 @@
 """``threshold-ctl``: a command-line client of the management API.
 
-For scripts and operators: ``ping``, ``clients``, ``tunnels get`` and
-``tunnels put FILE``, JSON on stdout, one line per error on stderr, and exit
-statuses a script can rely on (docs/ctl.md):
+For scripts and operators: ``ping``, ``clients``, ``tunnels get``,
+``tunnels put FILE``, ``status`` and ``doctor``, JSON or tables on stdout,
+one line per error on stderr, and exit statuses a script can rely on
+(docs/ctl.md, docs/doctor.md):
 
 - 0: success;
 - 1: the API answered with an error (any 4xx or 5xx), or with something
@@ -10,6 +11,7 @@ statuses a script can rely on (docs/ctl.md):
 - 2: a usage error (arguments, certificate files, the tunnels FILE), found
   before any request is sent;
 - 3: the server could not be reached (refused, TLS failure, timeout);
+- 4, 5: ``doctor`` found warnings only, or a broken link;
 - 70: a bug in threshold-ctl itself.
 
 The command line is in :mod:`threshold.ctl.cli`, the request and what its

@@ -130,7 +130,8 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Call threshold's management API. Exit status: 0 success,"
-        " 1 the API answered an error, 2 usage error, 3 server unreachable.",
+        " 1 the API answered an error, 2 usage error, 3 server unreachable;"
+        " doctor: 4 warnings only, 5 something is broken.",
     )
     _add_globals(parser, top_defaults)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -150,6 +150,8 @@ class EgressCurlTests(TestCase):
         )
         self.assertEqual((code, err), (0, b""))
         self.assertEqual(out, BODY)
+        yield wait_until(lambda: self.egress["home-a"].open == 0, 5, "stream closed")
+        self.assertEqual(self.egress["home-a"].connected, 1)
 
     @inlineCallbacks
     def test_other_port_refused(self):

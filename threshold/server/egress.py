@@ -398,15 +398,19 @@ class EgressStream(PrefixRelay):
         else:
             result = f"abandoned by the client while {was.value}"
         flow = self.flow
+        if self.address is None or self.request is None:
+            connection = "not connected"
+        else:
+            where = format_address(self.address, self.request.port)
+            connected = self.flow is not None
+            connection = f"connected to {where}" if connected else f"last tried {where}"
         log.info(
-            "{name}: {result}; resolved to {resolved}, connected to {address},"
-            " {sent} bytes sent, {received} received, {duration:.3f}s",
+            "{name}: {result}; resolved to {resolved}; {connection}, {sent} bytes"
+            " sent, {received} received, {duration:.3f}s",
             name=self.name,
             result=result,
             resolved=", ".join(self.resolved) if self.resolved else "-",
-            address=format_address(self.address, self.request.port)
-            if self.address is not None and self.request is not None
-            else "none",
+            connection=connection,
             sent=flow.bytes_out if flow is not None else 0,
             received=flow.bytes_in if flow is not None else 0,
             duration=self.gate.clock.seconds() - self.started,

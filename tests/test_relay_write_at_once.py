@@ -1,0 +1,123 @@
+"""write_at_once: TCP writes go to the socket at once, in order, on real sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from threshold.relay import tune_transport, write_at_once
+
+
+class Sink(Protocol):
+    """Collects what arrives; ``done`` fires with it at the close."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.done: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.data += data
+
+    def connectionLost(self, reason=None) -> None:  # noqa: N802
+        self.done.callback(bytes(self.data))
+
+
+class Pair:
+    """A listening Sink and a connected client protocol."""
+
+    def __init__(self, test: TestCase) -> None:
+        self.test = test
+        self.sink = Sink()
+        self.port = reactor.listenTCP(
+            0, Factory.forProtocol(lambda: self.sink), interface="127.0.0.1"
+        )
+        test.addCleanup(self.port.stopListening)
+
+    async def connect(self) -> Protocol:
+        made: Deferred = Deferred()
+
+        class Client(Protocol):
+            def connectionMade(self):  # noqa: N802
+                made.callback(self)
+
+        factory = ClientFactory.forProtocol(Client)
+        reactor.connectTCP("127.0.0.1", self.port.getHost().port, factory)
+        client = await made
+        return client
+
+
+def pending(connection) -> int:
+    return len(connection.dataBuffer) - connection.offset + connection._tempDataLen
+
+
+class WriteAtOnceTests(TestCase):
+    async def test_sent_without_the_reactor(self):
+        """With nothing buffered a write reaches the socket before it returns."""
+        pair = Pair(self)
+        client = await pair.connect()
+        write_at_once(client.transport)
+        client.transport.write(b"now")
+        self.assertEqual(pending(client.transport), 0)
+        self.assertNotIn(client.transport, reactor.getWriters())
+        client.transport.loseConnection()
+        self.assertEqual(await pair.sink.done, b"now")
+
+    async def test_order_kept_behind_buffered_bytes(self):
+        """Bytes already buffered by Twisted go first; later ones queue behind."""
+        pair = Pair(self)
+        client = await pair.connect()
+        transport = client.transport
+        write_at_once(transport)
+        transport.writeSequence([b"first,"])  # buffered, Twisted's path
+        transport.write(b"second,")
+        self.assertEqual(pending(transport), len(b"first,second,"))
+        transport.write(b"third")
+        transport.loseConnection()
+        self.assertEqual(await pair.sink.done, b"first,second,third")
+
+    async def test_partial_send_rest_buffered(self):
+        """What the socket does not take is buffered and follows, in order."""
+        pair = Pair(self)
+        client = await pair.connect()
+        transport = client.transport
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        write_at_once(transport)
+        pair.sink.transport.pauseProducing()  # the peer stops reading
+        blob = os.urandom(1 << 20)
+        transport.write(blob[: 1 << 19])
+        self.assertGreater(pending(transport), 0)
+        transport.write(blob[1 << 19 :])
+        pair.sink.transport.resumeProducing()
+        transport.loseConnection()
+        self.assertEqual(await pair.sink.done, blob)
+
+    async def test_after_lose_connection_twisted_path(self):
+        """After loseConnection a write takes Twisted's path (dropped as before)."""
+        pair = Pair(self)
+        client = await pair.connect()
+        transport = client.transport
+        write_at_once(transport)
+        transport.write(b"kept")
+        transport.loseConnection()
+        transport.write(b"more")  # Twisted buffers it behind the close
+        data = await pair.sink.done
+        self.assertTrue(data.startswith(b"kept"))
+
+    async def test_tune_transport_installs_it(self):
+        """tune_transport sets TCP_NODELAY and the direct write on TCP only."""
+        pair = Pair(self)
+        client = await pair.connect()
+        tune_transport(client.transport)
+        self.assertIn("write", vars(client.transport))
+        self.assertTrue(client.transport.getTcpNoDelay())
+        other = StringTransport()
+        tune_transport(other)
+        self.assertNotIn("write", vars(other))
+        client.transport.loseConnection()
+        await pair.sink.done

@@ -33,6 +33,9 @@ from threshold.ctl.errors import (
     CtlError,
     UsageError,
 )
+from threshold.ctl.events import add_parser as add_events_parser
+from threshold.ctl.events import check_options as check_events_options
+from threshold.ctl.events import run_events
 from threshold.ctl.exchange import Target, call, json_answer
 from threshold.ctl.output import Format, dump_json, tunnels_table
 from threshold.ctl.progress import progress_for
@@ -153,7 +156,8 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "status", help="print clients and tunnels with their state and traffic"
     )
     doctor = add_doctor_parser(commands)
-    for sub in (ping, clients, tunnels, get, put, status_parser, doctor):
+    events = add_events_parser(commands)
+    for sub in (ping, clients, tunnels, get, put, status_parser, doctor, events):
         _add_globals(sub, sub_defaults)
     return parser
 
@@ -280,6 +284,8 @@ async def _command(
         body = _read_tunnels(args.file, stdin)
     if args.command == "doctor":
         check_doctor_options(args)
+    if args.command == "events":
+        check_events_options(args)
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     if policy is not None:
@@ -308,6 +314,8 @@ async def _command(
             return EXIT_OK
         if args.command == "doctor":
             return await run_doctor(reactor, args, target, policy, output, stdout)
+        if args.command == "events":
+            return await run_events(reactor, args, target, stdout, stderr)
         if args.command == "clients":
             answer = json_answer(*await call(reactor, target, "GET", "/clients"))
         elif args.action == "get":

@@ -326,6 +326,18 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual((traffic.bytes_sent, traffic.bytes_received), (9, 11))
         self.assertEqual(traffic.connected, 1)
         self.assertEqual(self.gw.policy.quota.account(CLIENT).used, 20)
+        view = self.gw.policy.client_view(CLIENT)["Egress"]
+        self.assertEqual(
+            {k: v for k, v in view.items() if k != "Refused"},
+            {
+                "Requests": 1,
+                "Connections": 1,
+                "Open": 1,
+                "SentBytes": 9,
+                "ReceivedBytes": 11,
+            },
+        )
+        self.assertEqual(set(view["Refused"]), {r.value for r in EgressRefusal})
 
     def test_name_connects_to_the_checked_address(self):
         """A name's forbidden addresses are skipped; the allowed one is dialed

@@ -110,6 +110,7 @@ CLIENT_VIEW_FIELDS = frozenset(
         "QuotaExceeded",
         "Bandwidth",
         "Refused",
+        "Egress",
     }
 )
 
@@ -425,6 +426,8 @@ class GatewayPolicy:
             else None
         )
         view["Refused"] = self.refused(client_id=client_id)
+        # Egress through the gateway (docs/egress.md).
+        view["Egress"] = self.stats.egress.view(client_id)
         return view
 
     def tunnel_view(self, tunnel: Tunnel) -> dict[str, Any]:

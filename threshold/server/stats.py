@@ -271,6 +271,18 @@ class EgressStats:
             traffic.bytes_sent += flow.bytes_out
             traffic.bytes_received += flow.bytes_in
 
+    def view(self, client_id: str) -> dict[str, object]:
+        """The client's egress in ``GET /clients`` (``Egress``)."""
+        traffic = self.clients.get(client_id) or EgressTraffic()
+        return {
+            "Requests": traffic.requests,
+            "Connections": traffic.connected,
+            "Open": traffic.open,
+            "SentBytes": traffic.bytes_sent,
+            "ReceivedBytes": traffic.bytes_received,
+            "Refused": {r.value: traffic.refused[r] for r in EgressRefusal},
+        }
+
     @property
     def clients(self) -> dict[str, EgressTraffic]:
         """Per-client egress, open connections' bytes included (a snapshot)."""

@@ -224,7 +224,15 @@ class StatusPageBrowserTests(TestCase):
         self.assertIn("no client has connected yet", browser.js(
             "return document.getElementById('clients').innerText"))  # fmt: skip
 
-        # A client connects: it appears, connected, with its RTT row.
+        # The page follows the event stream (and then polls every 10 s).
+        yield deferToThread(
+            browser.wait,
+            "return document.body.dataset.events === 'open'",
+            "the page to follow GET /events",
+        )
+
+        # A client connects: it appears, connected, within a few seconds
+        # (the client.connected event; the next poll is up to 10 s away).
         deployment.start_client("TestClient1", {"web": ("127.0.0.1", backend_port)})
         yield deployment.wait_connected("TestClient1")
         yield deferToThread(
@@ -232,6 +240,7 @@ class StatusPageBrowserTests(TestCase):
             "return document.querySelector("
             '\'article[data-client-id="TestClient1"][data-state="ClientConnected"]\')',
             "TestClient1 connected on the page",
+            5.0,
         )
         serving = browser.js(f"return {card}.innerText")
         self.assertIn("serving", serving)

@@ -353,12 +353,11 @@
     }, 250);
   }
 
-  // Event types that change what the page shows (docs/events.md); any
-  // other event, and an unnamed one, is ignored or refreshes too.
+  // The event types that change what the page shows (docs/events.md);
+  // the others are ignored.
   const EVENTS = [
     "client.connected", "client.disconnected", "client.replaced", "client.health",
-    "health.changed", "tunnel.failover", "tunnels.applied", "limit.hit",
-    "quota.exceeded",
+    "tunnel.failover", "tunnels.applied", "limit.hit",
   ];
 
   function listen() {
@@ -368,11 +367,14 @@
     const source = new EventSource("/events");
     source.onopen = function () {
       pollMs = POLL_WITH_EVENTS_MS;
+      document.body.dataset.events = "open";
+      schedule();
     };
     source.onmessage = eventArrived;
     for (const name of EVENTS) source.addEventListener(name, eventArrived);
     source.onerror = function () {
       pollMs = POLL_MS;
+      document.body.dataset.events = "closed";
       if (source.readyState === EventSource.CLOSED) source.close();
     };
   }

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from threshold.config import CLIENT, SERVER
 from threshold.config.client import HEALTH_CHECK, SERVER_ENTRY
+from threshold.config.egress import EGRESS_RULE, EGRESS_SETTINGS
 from threshold.config.policy import CLIENT_POLICY
 from threshold.mux.settings import SESSION
 from threshold.schema import Schema
@@ -37,10 +38,12 @@ TABLES: dict[str, Schema] = {
     "session": SESSION,
     "tunnel": TUNNEL,
     "clientpolicy": CLIENT_POLICY,
+    "egressrule": EGRESS_RULE,
+    "egress": EGRESS_SETTINGS,
 }
 
 #: The documents holding generated tables, relative to the checkout.
-DOCS = ("docs/configuration.md", "docs/api.md", "docs/policy.md")
+DOCS = ("docs/configuration.md", "docs/api.md", "docs/policy.md", "docs/egress.md")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import time
 from typing import Any
 
@@ -24,7 +25,7 @@ from threshold.config.webhooks import WEBHOOKS
 from threshold.server.events import EventFeed, EventType
 from threshold.server.webhooks import Webhook, treq_poster
 
-from .support import wait_until
+from .support import Backend, Deployment, wait_until
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
@@ -171,3 +172,57 @@ class WebhookHttpTests(TestCase):
         self.feed.emit(EventType.CLIENT_CONNECTED, ClientId="a")
         yield wait_until(lambda: hook.failed == 1, 10, "given up")
         self.assertEqual(hook.retries, 2)
+
+
+class WebhookDeploymentTests(TestCase):
+    """Webhooks configured in server.json: a real gateway posts its events."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_gateway_posts_signed_events_and_counts_them(self):
+        receiver = Receiver()
+        receiver.codes = [500]
+        port = reactor.listenTCP(0, Site(receiver), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        folder = self.mktemp()
+        os.makedirs(folder)
+        secret_file = os.path.join(folder, "webhook.key")
+        with open(secret_file, "wb") as f:
+            f.write(SECRET + b"\n")
+        hooks = WEBHOOKS.check(
+            [
+                {
+                    "Url": f"http://127.0.0.1:{port.getHost().port}/in?token=t",
+                    "Events": ["client.*"],
+                    "SecretFile": secret_file,
+                    "RetryInitialSeconds": 0.05,
+                }
+            ]
+        )
+        deployment = Deployment(False, folder, webhooks=hooks)
+        deployment.start_server()
+        self.addCleanup(deployment.stop)
+        backend = Backend()
+        web = yield backend.start()
+        self.addCleanup(backend.stop)
+        deployment.start_client("home-a", {"web": ("127.0.0.1", web)})
+        yield deployment.wait_connected("home-a")
+        yield deployment.put_tunnels([])  # tunnels.applied: not wanted here
+        yield wait_until(lambda: len(receiver.posts) == 2, 10, "the retried post")
+        first, again = receiver.posts
+        self.assertEqual(first["body"], again["body"])
+        self.assertEqual(first["event"]["type"], "client.connected")
+        self.assertTrue(verify(SECRET, again["signature"].decode(), again["body"]))
+        response = yield deployment.http().get(deployment.url("/metrics"))
+        text = (yield response.content()).decode()
+        label = f'webhook="http://127.0.0.1:{port.getHost().port}/in"'
+        self.assertIn(f"threshold_webhook_deliveries_total{{{label}}} 1.0", text)
+        self.assertIn(f"threshold_webhook_retries_total{{{label}}} 1.0", text)
+        self.assertIn(
+            'threshold_events_emitted_total{type="client.connected"} 1.0', text
+        )
+        self.assertIn(
+            'threshold_events_emitted_total{type="tunnels.applied"} 1.0', text
+        )
+        self.assertIn("threshold_event_subscribers 0.0", text)

@@ -77,15 +77,12 @@ class HalfClosing(StringTransport):
 class Gateway:
     """A control factory with an egress gate, and one client session on it."""
 
-    def __init__(self, policy=POLICY, quota: int = 0, **settings) -> None:
+    def __init__(self, policy=POLICY, quota: int = 0, limits=None, **settings) -> None:
         self.reactor = MemoryReactorClock()
         self.stats = GatewayStats()
         self.resolver = Resolver()
-        client_policies = (
-            FrozenMap({CLIENT: ClientPolicy(quota_bytes=quota)})
-            if quota
-            else FrozenMap({})
-        )
+        limits = dict(limits or {}, quota_bytes=quota) if quota or limits else None
+        client_policies = FrozenMap({CLIENT: ClientPolicy(**limits)} if limits else {})
         self.policy = GatewayPolicy(
             PolicySettings(client_policies=client_policies), self.reactor, self.stats
         )
@@ -415,3 +412,53 @@ class RelayTests(SynchronousTestCase):
         self.gw.succeed()
         self.assertIs(stream.protocol.phase, EgressPhase.RELAYING)
         self.assertIs(control.state.value, "accepted")
+
+
+class ChargeTests(SynchronousTestCase):
+    """Egress bytes are charged to the client's quota and bandwidth."""
+
+    def relay(self, **limits):
+        gw = Gateway(limits=limits, quota=limits.pop("quota_bytes", 0))
+        gw.hello()
+        collector = gw.open(host="93.184.216.34")
+        transport, protocol = gw.succeed()
+        return gw, collector, transport, protocol
+
+    def test_quota_cut(self):
+        """Over quota with "cut": the running egress connection is cut."""
+        gw, collector, transport, protocol = self.relay(
+            quota_bytes=100, quota_exceeded_action="cut"
+        )
+        protocol.dataReceived(b"x" * 50)
+        gw.pump.flush()
+        self.assertIsNone(collector.lost)
+        protocol.dataReceived(b"x" * 60)
+        gw.pump.flush()
+        self.assertIsNotNone(collector.lost)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(
+            answer(gw.open(host="93.184.216.34"))["reason"], "quota_exceeded"
+        )
+
+    def test_quota_refuse_new(self):
+        """Over quota with "refuse-new": the running one goes on."""
+        gw, collector, transport, protocol = self.relay(quota_bytes=100)
+        protocol.dataReceived(b"x" * 150)
+        gw.pump.flush()
+        self.assertIsNone(collector.lost)
+        self.assertTrue(collector.data.endswith(b"x" * 150))
+
+    def test_bandwidth(self):
+        """Bytes from the destination draw from the client's upload bucket:
+        past the burst the destination is paused, then resumed."""
+        gw, collector, transport, protocol = self.relay(
+            bandwidth=1000, bandwidth_burst=1000
+        )
+        protocol.dataReceived(b"x" * 3000)
+        gw.pump.flush()
+        self.assertEqual(transport.producerState, "paused")
+        gw.reactor.advance(3)
+        gw.pump.flush()
+        self.assertEqual(transport.producerState, "producing")
+        upload, download = gw.policy.bandwidth.client_buckets[CLIENT]
+        self.assertGreater(upload.limited_seconds(), 0)

@@ -68,6 +68,18 @@ class WriteAtOnceTests(TestCase):
         client.transport.loseConnection()
         self.assertEqual(await pair.sink.done, b"now")
 
+    async def test_large_writes_buffered(self):
+        """A write of a full TLS record or more takes Twisted's buffer."""
+        pair = Pair(self)
+        client = await pair.connect()
+        write_at_once(client.transport)
+        client.transport.write(b"x" * 16384)
+        self.assertEqual(pending(client.transport), 16384)
+        client.transport.write(b"tail")  # queued behind it
+        self.assertEqual(pending(client.transport), 16388)
+        client.transport.loseConnection()
+        self.assertEqual(await pair.sink.done, b"x" * 16384 + b"tail")
+
     async def test_order_kept_behind_buffered_bytes(self):
         """Bytes already buffered by Twisted go first; later ones queue behind."""
         pair = Pair(self)
@@ -90,9 +102,10 @@ class WriteAtOnceTests(TestCase):
         write_at_once(transport)
         pair.sink.transport.pauseProducing()  # the peer stops reading
         blob = os.urandom(1 << 20)
-        transport.write(blob[: 1 << 19])
+        chunks = [blob[i : i + 8000] for i in range(0, len(blob), 8000)]
+        for chunk in chunks:
+            transport.write(chunk)
         self.assertGreater(pending(transport), 0)
-        transport.write(blob[1 << 19 :])
         pair.sink.transport.resumeProducing()
         transport.loseConnection()
         self.assertEqual(await pair.sink.done, blob)

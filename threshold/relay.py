@@ -321,6 +321,10 @@ def tune_transport(transport: object) -> None:
                 write_at_once(t)
 
 
+#: A full TLS record (16 KiB of payload) and more take Twisted's buffer.
+_AT_ONCE_BELOW = 16 * 1024
+
+
 def write_at_once(connection: _TcpConnection) -> None:
     """Make ``connection.write`` send to the socket now when nothing waits.
 
@@ -332,6 +336,10 @@ def write_at_once(connection: _TcpConnection) -> None:
     and the connection fully open, this sends at once; whatever the socket
     does not take, and every other case, goes through Twisted's ``write``
     as before (which also reports a send error on its next turn).
+
+    Only writes smaller than a full TLS record go at once: bulk comes as
+    several records per chunk read, which Twisted's buffer joins into one
+    send on its turn (one system call instead of one per record).
     """
     buffered = connection.write
     sock = connection.socket
@@ -345,6 +353,7 @@ def write_at_once(connection: _TcpConnection) -> None:
             and not c._tempDataLen
             and c.offset == len(c.dataBuffer)
             and type(data) is bytes
+            and len(data) < _AT_ONCE_BELOW
         ):
             try:
                 sent = sock.send(data)

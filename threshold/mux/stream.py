@@ -70,6 +70,10 @@ class _EndOfStream:
 
 _EOF: Final = _EndOfStream()
 
+#: The reason of every clean stream end: one shared instance, as Twisted's
+#: own ``connectionDone``, instead of a new Failure (about 5 µs) per stream.
+_STREAM_CLOSED: Final = Failure(ConnectionDone("stream closed"))
+
 
 @implementer(ITransport, IConsumer, IPushProducer)
 class Stream:
@@ -470,7 +474,7 @@ class Stream:
     def _maybe_done(self) -> None:
         """Both directions closed, nothing left to send or hand on: done."""
         if self.state is _CLOSING and not self._send_buffered and not self._recv_buffer:
-            self._finish(_E.DRAINED, Failure(ConnectionDone("stream closed")))
+            self._finish(_E.DRAINED, _STREAM_CLOSED)
 
     def _linger_expired(self) -> None:
         self._linger = None

@@ -25,7 +25,14 @@ from tests.support import (
 from tests.test_ctl import call
 from threshold.ctl import EXIT_OK, run
 from threshold.ctl.output import human_bytes, table
-from threshold.ctl.progress import INTERVAL, Phase, Progress, progress_for
+from threshold.ctl.progress import (
+    INTERVAL,
+    Phase,
+    Progress,
+    Steps,
+    progress_for,
+    steps_for,
+)
 from threshold.ctl.status import parse_traffic, render
 
 CLIENT = "TestClient1"
@@ -240,6 +247,21 @@ class ProgressTests(SynchronousTestCase):
         clock, err = Clock(), Terminal()
         Progress(err, clock, "x", 10).done()
         self.assertEqual((err.getvalue(), clock.getDelayedCalls()), ("", []))
+
+    def test_steps(self):
+        """doctor's walk: items done of the total, then erased."""
+        clock, err = Clock(), Terminal()
+        steps = Steps(err, clock, "doctor: tunnels checked", 3000)
+        for _ in range(120):
+            steps.step()
+        clock.advance(INTERVAL)
+        self.assertEqual(
+            err.getvalue(), "\r\x1b[Kdoctor: tunnels checked: 120 of 3000, 0.2 s"
+        )
+        steps.done()
+        self.assertTrue(err.getvalue().endswith("\r\x1b[K"))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertIsNone(steps_for(io.StringIO(), Clock(), "x", 1))
 
     def test_only_on_a_terminal(self):
         self.assertIsNone(progress_for(io.StringIO(), Clock(), "x", 1))

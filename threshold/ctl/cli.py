@@ -313,7 +313,9 @@ async def _command(
             )
             return EXIT_OK
         if args.command == "doctor":
-            return await run_doctor(reactor, args, target, policy, output, stdout)
+            return await run_doctor(
+                reactor, args, target, policy, output, stdout, stderr
+            )
         if args.command == "events":
             return await run_events(reactor, args, target, stdout, stderr)
         if args.command == "clients":

@@ -42,6 +42,7 @@ from threshold.ctl.doctor_words import (
 from threshold.ctl.errors import AnswerError, UsageError
 from threshold.ctl.exchange import Target, call, json_answer
 from threshold.ctl.output import Format, dump_json, tunnel_name
+from threshold.ctl.progress import steps_for
 
 DEFAULT_PROBE_TIMEOUT = 3.0
 #: Tunnels walked at once.
@@ -256,6 +257,7 @@ async def run_doctor(
     policy: Any,
     output: Format,
     stdout: IO[str],
+    stderr: IO[str],
 ) -> int:
     """Ask the gateway, walk the tunnels, print the report; return the status."""
     status = json_answer(*await call(reactor, target, "GET", "/tunnels/status"))
@@ -293,13 +295,22 @@ async def run_doctor(
     gateway = Gateway(target.base_url, addresses, clients, now, args.name)
     probes = RealProbes(reactor, args.dns_server, args.probe_timeout)
     limit = DeferredSemaphore(PARALLEL)
+    steps = steps_for(stderr, reactor, "doctor: tunnels checked", len(tunnels))
+
+    async def one(entry: Mapping[str, Any]) -> TunnelReport:
+        report = await check_tunnel(entry, gateway, probes)
+        if steps is not None:
+            steps.step()
+        return report
 
     def walk(entry: Mapping[str, Any]) -> Any:
-        return limit.run(
-            lambda: Deferred.fromCoroutine(check_tunnel(entry, gateway, probes))
-        )
+        return limit.run(lambda: Deferred.fromCoroutine(one(entry)))
 
-    reports: list[TunnelReport] = await gatherResults([walk(t) for t in tunnels])
+    try:
+        reports: list[TunnelReport] = await gatherResults([walk(t) for t in tunnels])
+    finally:
+        if steps is not None:
+            steps.done()
     report = Report(gateway, findings, reports)
     if output is Format.JSON:
         stdout.write(dump_json(report.to_json(), args.compact))

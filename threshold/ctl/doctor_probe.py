@@ -167,11 +167,14 @@ class _Prober(Protocol):
         self.timeout = timeout
         self.data = b""
         self.result: Deferred[tuple[Ending, bytes]] = Deferred()
+        self.closed: Deferred[None] = Deferred()
         self._calls: list[Any] = []
 
     def connectionMade(self) -> None:  # noqa: N802
         if self.probe is Probe.HTTP:
-            self._calls.append(self.reactor.callLater(GREETING_SECONDS, self._send))
+            # Within the timeout, so that the request is always sent.
+            wait = min(GREETING_SECONDS, self.timeout / 2)
+            self._calls.append(self.reactor.callLater(wait, self._send))
         else:
             self._send()
         self._calls.append(self.reactor.callLater(self.timeout, self._silent))
@@ -210,8 +213,6 @@ class _Prober(Protocol):
             self._finish(Ending.RESET)
         self.closed.callback(None)
 
-    closed: Deferred[None]
-
 
 async def through(
     reactor: Any, host: str, port: int, probe: Probe, name: str, timeout: float
@@ -219,7 +220,6 @@ async def through(
     """Connect through the tunnel as a user and send ``probe``; say what came back."""
     payload = client_hello(name) if probe is Probe.TLS else http_request(name)
     prober = _Prober(reactor, probe, payload, timeout)
-    prober.closed = Deferred()
     started = reactor.seconds()
     try:
         await connectProtocol(_endpoint(reactor, host, port, timeout), prober)

@@ -29,6 +29,7 @@ from threshold.config.client import HealthCheck as ServiceCheck
 from threshold.config.egress import EGRESS_POLICY, EgressSettings
 from threshold.config.policy import ClientPolicy
 from threshold.config.server import ClusterSettings
+from threshold.config.webhooks import WEBHOOKS
 from threshold.schema.policy_kinds import CIDR_LIST
 
 
@@ -165,6 +166,12 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             EgressPolicy={"home-a": [{"Cidr": "0.0.0.0/0", "Ports": "25,587"}]},
             MaxEgressConnectionsPerClient=3,
             EgressConnectTimeoutSeconds=4,
+            EventHistorySize=50,
+            MaxEventSubscribers=2,
+            MaxEventBacklog=20,
+            EventKeepaliveSeconds=3,
+            LimitEventIntervalSeconds=30,
+            Webhooks=[{"Url": "https://hooks.example.net/in", "Events": ["client.*"]}],
         )
         config = self.parse(obj)
         expected = {
@@ -224,6 +231,12 @@ class ServerConfigTests(TempDirMixin, SynchronousTestCase):
             ),
             "max_egress_connections_per_client": 3,
             "egress_connect_timeout_seconds": 4.0,
+            "event_history_size": 50,
+            "max_event_subscribers": 2,
+            "max_event_backlog": 20,
+            "event_keepalive_seconds": 3.0,
+            "limit_event_interval_seconds": 30.0,
+            "webhooks": (dataclasses.asdict(WEBHOOKS.check(obj["Webhooks"])[0]),),
             "source": "server.json",
         }
         self.assertEqual(

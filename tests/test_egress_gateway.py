@@ -381,6 +381,27 @@ class RelayTests(SynchronousTestCase):
         self.gw.pump.flush()
         self.assertTrue(transport.disconnecting)
 
+    def test_client_gone_while_resolving(self):
+        """The stream ends during the lookup: nothing refused, nothing dialed."""
+        collector = self.gw.open(host="mx.example")
+        collector.transport.abortConnection()
+        self.gw.pump.flush()
+        self.assertEqual(self.gw.traffic.refused, {})
+        self.assertEqual(self.gw.traffic.open, 0)
+        self.gw.resolver.answer("mx.example", ["93.184.216.34"])
+        self.assertEqual(self.gw.reactor.tcpClients, [])
+
+    def test_client_gone_while_dialing_the_first_of_two(self):
+        """The stream ends while dialing: the next address is not tried, and
+        the cancelled attempt is no refusal."""
+        collector = self.gw.open(host="mx.example")
+        self.gw.resolver.answer("mx.example", ["93.184.216.34", "93.184.216.35"])
+        self.gw.pump.flush()
+        collector.transport.abortConnection()
+        self.gw.pump.flush()
+        self.assertEqual(len(self.gw.reactor.tcpClients), 1)
+        self.assertEqual(self.gw.traffic.refused, {})
+
     def test_client_gone_while_connecting(self):
         """The stream ends while connecting: the attempt is cancelled."""
         collector = self.gw.open(host="93.184.216.34")

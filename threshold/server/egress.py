@@ -380,11 +380,13 @@ class EgressStream(PrefixRelay):
 
     def relay_closed(self, reason: Failure) -> None:
         """The stream ended: stop what is pending, count, log the connection."""
+        was = self.phase
+        # CLOSED first: the cancelled lookup or connection then ends quietly
+        # (no refusal counted, no next address dialed).
+        self._move(EgressPhase.CLOSED)
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
-        was = self.phase
-        self._move(EgressPhase.CLOSED)
         if self.meter is not None:
             self.meter.close()
         if self._counted:

@@ -245,6 +245,17 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual(self.streams.subscribers, [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_head_answers_at_once(self):
+        """HEAD /events: the stream's headers, no stream held open."""
+        request = FakeRequest()
+        request.method = b"HEAD"
+        self.assertEqual(self.successResultOf(self.streams.open(request)), b"")
+        self.assertEqual(
+            request.response_headers[b"content-type"],
+            b"text/event-stream; charset=utf-8",
+        )
+        self.assertEqual((request.written, self.streams.subscribers), (b"", []))
+
     def test_opened_after_stop_replays_and_ends(self):
         """A stream opened while stopping: what it missed, then stream.closed."""
         self.emit(2)

@@ -278,6 +278,8 @@ class EventStreams:
         request.setHeader(b"cache-control", b"no-cache")
         # Asks proxies such as nginx not to buffer the stream.
         request.setHeader(b"x-accel-buffering", b"no")
+        if getattr(request, "method", b"GET") == b"HEAD":
+            return succeed(b"")  # the headers only: no stream to hold open
         subscriber = Subscriber(self, request, wants)
         subscriber.after = after
         self.opened += 1

@@ -22,7 +22,7 @@ from twisted.web.server import Site
 
 from tests.certs import test_pki
 from tests.doctorkit import DnsServer, http_backend, tls_backend
-from tests.support import Deployment, free_port, tunnel, wait_until
+from tests.support import Backend, Deployment, free_port, tunnel, wait_until
 from tests.test_ctl import call
 from threshold.config.client import HealthCheck
 from threshold.ctl import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
@@ -311,6 +311,26 @@ class DoctorDeploymentTests(TestCase):
             "WARNING backend web closed the connection without answering the PROXY"
             " header and a TLS ClientHello: it may not expect a PROXY header.",
             "What to do: Set HaProxyProxyProtocol false",
+        )
+
+    @inlineCallbacks
+    def test_service_that_says_nothing(self):
+        """A service that neither speaks first nor answers: cannot tell, exit 0."""
+        silent = Backend(echo=False)
+        yield self.serve((yield silent.start()))
+        self.addCleanup(silent.stop)
+        result = yield self.doctor("--probe-timeout", "0.5")
+        self.assertEqual(result.status, EXIT_OK, result)
+        self.assertLine(
+            result.out,
+            "skipped backend web did not answer a HTTP HEAD request within",
+            "whether it expects a PROXY header cannot be told.",
+        )
+        # The port check's connection (closed at once), then the probe's.
+        empty, connection = silent.connections
+        self.assertEqual(empty.data, b"")
+        self.assertTrue(
+            connection.data.startswith(b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1")
         )
 
     @inlineCallbacks

@@ -246,6 +246,18 @@ class AnswerTests(SynchronousTestCase):
             if level >= Level.WARNING:
                 self.assertTrue(found.fix, found)
 
+    def test_connection_failed(self):
+        failed = Answer(Probe.HTTP, Ending.RESET, b"", 0.0, "connection refused")
+        found = self.judge(False, failed)
+        self.assertEqual(
+            (found.level, found.message),
+            (
+                Level.BROKEN,
+                "A connection through the tunnel could not be made: connection"
+                " refused.",
+            ),
+        )
+
     def test_words(self):
         self.assertEqual(
             self.judge(False, answer(Ending.CLOSED)).message,

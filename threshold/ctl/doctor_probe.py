@@ -9,6 +9,7 @@ raising: the wording is :mod:`threshold.ctl.doctor_words`' business.
 from __future__ import annotations
 
 import datetime
+import enum
 import ipaddress
 import socket
 from typing import Any
@@ -29,6 +30,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.names import client as dns_client
 from twisted.names import dns
 from twisted.names import error as dns_error
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -157,30 +159,55 @@ def http_request(name: str) -> bytes:
     ).encode("idna" if not name.isascii() else "ascii")
 
 
-class _Prober(Protocol):
+class _ProbeState(enum.Enum):
+    """Where a probe connection is."""
+
+    #: Connected; waiting for the service to speak first (HTTP probe only).
+    GREETING = "greeting"
+    #: The probe is sent; waiting for the answer.
+    SENT = "sent"
+    #: The result is known; the connection is closing.
+    DONE = "done"
+
+
+_MOVES = {
+    _ProbeState.GREETING: {_ProbeState.SENT, _ProbeState.DONE},
+    _ProbeState.SENT: {_ProbeState.DONE},
+    _ProbeState.DONE: set(),
+}
+
+
+class _Prober(Protocol, TimeoutMixin):
     """One connection through the tunnel: send the probe, note what comes back."""
 
     def __init__(self, reactor: Any, probe: Probe, payload: bytes, timeout: float):
-        self.reactor = reactor
+        self.callLater = reactor.callLater  # TimeoutMixin's clock
         self.probe = probe
         self.payload = payload
         self.timeout = timeout
+        self.state = _ProbeState.GREETING
         self.data = b""
         self.result: Deferred[tuple[Ending, bytes]] = Deferred()
         self.closed: Deferred[None] = Deferred()
-        self._calls: list[Any] = []
+        self._greeting: Any = None
+
+    def _move(self, state: _ProbeState) -> bool:
+        if state not in _MOVES[self.state]:
+            return False
+        self.state = state
+        return True
 
     def connectionMade(self) -> None:  # noqa: N802
+        self.setTimeout(self.timeout)
         if self.probe is Probe.HTTP:
             # Within the timeout, so that the request is always sent.
             wait = min(GREETING_SECONDS, self.timeout / 2)
-            self._calls.append(self.reactor.callLater(wait, self._send))
+            self._greeting = self.callLater(wait, self._send)
         else:
             self._send()
-        self._calls.append(self.reactor.callLater(self.timeout, self._silent))
 
     def _send(self) -> None:
-        if not self.data:
+        if self._move(_ProbeState.SENT):
             self.transport.write(self.payload)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
@@ -191,20 +218,19 @@ class _Prober(Protocol):
             or (self.probe is Probe.TLS and len(self.data) >= 5)
         ):
             self._finish(Ending.ANSWERED)
-            self.transport.abortConnection()
 
-    def _silent(self) -> None:
+    def timeoutConnection(self) -> None:  # noqa: N802
         self._finish(Ending.ANSWERED if self.data else Ending.SILENT)
-        self.transport.abortConnection()
 
     def _finish(self, ending: Ending) -> None:
-        if not self.result.called:
+        if self._move(_ProbeState.DONE):
             self.result.callback((ending, self.data))
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802
-        for call in self._calls:
-            if call.active():
-                call.cancel()
+        self.setTimeout(None)
+        if self._greeting is not None and self._greeting.active():
+            self._greeting.cancel()
         if self.data:
             self._finish(Ending.ANSWERED)
         elif reason.check(error.ConnectionDone):

@@ -248,6 +248,15 @@ def judge_answer(entry: Mapping[str, Any], answer: Answer) -> Finding:
         " protocol on in the service (nginx: listen ... proxy_protocol)."
     )
     with_header = "the PROXY header and " if sent else ""
+    if answer.error is not None:
+        return Finding(
+            Check.BACKEND,
+            Level.BROKEN,
+            f"A connection through the tunnel could not be made: {answer.error}.",
+            "The port accepted a connection a moment before: run doctor again;"
+            " if it keeps failing, look at the gateway's limits (MaxConnections...)"
+            " and its log.",
+        )
     if answer.ending is Ending.RESET:
         return Finding(
             Check.BACKEND,

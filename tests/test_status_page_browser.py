@@ -42,6 +42,7 @@ from tests.support import (
     tunnel,
     wait_until,
 )
+from threshold.config.client import HealthCheck
 from threshold.keygen import KeyPair, make_p12
 
 #: A service name that would run script if the page built markup from data.
@@ -56,7 +57,7 @@ BROWSER_FLAGS = (
     "--disable-gpu",
     "--disable-dev-shm-usage",
     "--disable-background-networking",
-    "--window-size=1100,1250",
+    "--window-size=1100,1400",
 )
 
 
@@ -197,8 +198,13 @@ class StatusPageBrowserTests(TestCase):
         backend_port = yield backend.start()
         self.addCleanup(backend.stop)
         port, other = free_port(), free_port()
+        # The second tunnel: two clients, TestClient2 never connects, and
+        # TestClient1 reports its (hostile) service unhealthy.
+        second = tunnel("TestClient1", other, HOSTILE)
+        del second["ClientId"]
+        second["ClientIds"] = ["TestClient1", "TestClient2"]
         code, body = yield deployment.put_tunnels(
-            [tunnel("TestClient1", port, "web"), tunnel("TestClient2", other, HOSTILE)]
+            [tunnel("TestClient1", port, "web"), second]
         )
         self.assertEqual(code, 200, body)
 
@@ -233,7 +239,11 @@ class StatusPageBrowserTests(TestCase):
 
         # A client connects: it appears, connected, within a few seconds
         # (the client.connected event; the next poll is up to 10 s away).
-        deployment.start_client("TestClient1", {"web": ("127.0.0.1", backend_port)})
+        deployment.start_client(
+            "TestClient1",
+            {"web": ("127.0.0.1", backend_port), HOSTILE: ("127.0.0.1", free_port())},
+            health_checks={HOSTILE: HealthCheck(interval_seconds=1, timeout_seconds=1)},
+        )
         yield deployment.wait_connected("TestClient1")
         yield deferToThread(
             browser.wait,
@@ -281,6 +291,18 @@ class StatusPageBrowserTests(TestCase):
             f"return {TUNNEL_CARD.format(port=other)}.querySelector('h3').textContent"
         )
         self.assertEqual(heading, f"127.0.0.1:{other} → {HOSTILE}")
+        # The client's health report, in its own words, names it too.
+        health = yield deferToThread(
+            browser.wait,
+            "const c = document.querySelector("
+            "'article[data-client-id=\"TestClient1\"]');"
+            " return c && c.innerText.includes('unhealthy') && c.innerText;",
+            "TestClient1's health report",
+        )
+        self.assertIn(f"unhealthy {HOSTILE}: connection refused at 127.0.0.1:", health)
+        clients = browser.js(f"return {TUNNEL_CARD.format(port=other)}.innerText")
+        self.assertIn(f"down TestClient1: service {HOSTILE} unhealthy", clients)
+        self.assertIn("down TestClient2: not connected", clients)
         for selector in ("img", "main b"):
             count = browser.js(f"return document.querySelectorAll('{selector}').length")
             self.assertEqual(count, 0, selector)

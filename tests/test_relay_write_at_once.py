@@ -69,16 +69,19 @@ class WriteAtOnceTests(TestCase):
         self.assertEqual(await pair.sink.done, b"now")
 
     async def test_large_writes_buffered(self):
-        """A write of a full TLS record or more takes Twisted's buffer."""
+        """A write of 4 KiB or more takes Twisted's buffer."""
         pair = Pair(self)
         client = await pair.connect()
         write_at_once(client.transport)
-        client.transport.write(b"x" * 16384)
-        self.assertEqual(pending(client.transport), 16384)
+        client.transport.write(b"x" * 4095)
+        self.assertEqual(pending(client.transport), 0)
+        client.transport.write(b"y" * 4096)
+        self.assertEqual(pending(client.transport), 4096)
         client.transport.write(b"tail")  # queued behind it
-        self.assertEqual(pending(client.transport), 16388)
+        self.assertEqual(pending(client.transport), 4100)
         client.transport.loseConnection()
-        self.assertEqual(await pair.sink.done, b"x" * 16384 + b"tail")
+        expected = b"x" * 4095 + b"y" * 4096 + b"tail"
+        self.assertEqual(await pair.sink.done, expected)
 
     async def test_order_kept_behind_buffered_bytes(self):
         """Bytes already buffered by Twisted go first; later ones queue behind."""
@@ -102,7 +105,7 @@ class WriteAtOnceTests(TestCase):
         write_at_once(transport)
         pair.sink.transport.pauseProducing()  # the peer stops reading
         blob = os.urandom(1 << 20)
-        chunks = [blob[i : i + 8000] for i in range(0, len(blob), 8000)]
+        chunks = [blob[i : i + 4000] for i in range(0, len(blob), 4000)]
         for chunk in chunks:
             transport.write(chunk)
         self.assertGreater(pending(transport), 0)

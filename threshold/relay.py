@@ -321,8 +321,9 @@ def tune_transport(transport: object) -> None:
                 write_at_once(t)
 
 
-#: A full TLS record (16 KiB of payload) and more take Twisted's buffer.
-_AT_ONCE_BELOW = 16 * 1024
+#: Writes this size and more take Twisted's buffer (a TLS record's payload
+#: is up to 16 KiB, so bulk pieces are well above it).
+_AT_ONCE_BELOW = 4 * 1024
 
 
 def write_at_once(connection: _TcpConnection) -> None:
@@ -337,9 +338,10 @@ def write_at_once(connection: _TcpConnection) -> None:
     does not take, and every other case, goes through Twisted's ``write``
     as before (which also reports a send error on its next turn).
 
-    Only writes smaller than a full TLS record go at once: bulk comes as
-    several records per chunk read, which Twisted's buffer joins into one
-    send on its turn (one system call instead of one per record).
+    Only small writes go at once (requests, answers, frames of a few KiB):
+    bulk comes as several TLS records per chunk read, or as a Data frame's
+    payload in record-sized pieces, which Twisted's buffer joins into one
+    send on its turn (one system call instead of one per piece).
     """
     buffered = connection.write
     sock = connection.socket

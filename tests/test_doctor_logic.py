@@ -449,3 +449,38 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("  BROKEN   service      word word", text)
         self.assertIn("\n                        What to do: do this", text)
         self.assertTrue(text.endswith("1 broken, 0 with warnings, 0 good (exit 5)\n"))
+
+
+class UsageTests(SynchronousTestCase):
+    """Bad doctor options exit 2 before any connection is attempted."""
+
+    def test_bad_options(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tests.test_ctl import call
+
+        cases = [
+            (["--public-address", "gateway.example"], "not an IP address"),
+            (["--dns-server", "dns.example:53"], "expected HOST:PORT"),
+            (["--dns-server", "1.1.1.1:99999"], "expected HOST:PORT"),
+            (["--probe-timeout", "0"], "must be above 0"),
+            (["--name", "two words"], "--name 'two words': not a host name"),
+            (["--output", "yaml"], "invalid choice: 'yaml'"),
+        ]
+        for extra, fragment in cases:
+            reactor = MemoryReactorClock()
+            result = self.successResultOf(
+                call(reactor, ["--server", "http://h:1", "doctor", *extra])
+            )
+            self.assertEqual(result.status, 2, (extra, result))
+            self.assertIn(fragment, result.err, extra)
+            self.assertEqual(result.out, "")
+            self.assertEqual(reactor.tcpClients, [], extra)
+
+    def test_dns_server_forms(self):
+        from threshold.ctl.doctor_cli import _dns_server
+
+        self.assertEqual(_dns_server("127.0.0.1:5353"), ("127.0.0.1", 5353))
+        self.assertEqual(_dns_server("9.9.9.9"), ("9.9.9.9", 53))
+        self.assertEqual(_dns_server("[::1]:5353"), ("::1", 5353))
+        self.assertEqual(_dns_server("::1"), ("::1", 53))

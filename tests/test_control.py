@@ -40,8 +40,9 @@ class Counters:
     def handshake_failed(self, reason: HandshakeFailure) -> None:
         self.failures[reason] += 1
 
-    def limit_hit(self, limit: Limit) -> None:
+    def limit_hit(self, limit: Limit, **where: object) -> None:
         self.limits[limit] += 1
+        self.where = where
 
 
 class Gateway:

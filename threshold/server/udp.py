@@ -84,6 +84,8 @@ class UdpLimits:
     max_per_source: int = 64
     max_datagram: int = 65507
     ipv6_prefix: int = DEFAULT_IPV6_PREFIX
+    #: One info line per ended flow (``LogConnections``).
+    log_flows: bool = True
 
     @classmethod
     def from_config(cls, config: Any) -> UdpLimits:
@@ -94,6 +96,7 @@ class UdpLimits:
             max_per_source=config.udp_max_flows_per_source_ip,
             max_datagram=config.udp_max_datagram_bytes,
             ipv6_prefix=config.source_ipv6_prefix_length,
+            log_flows=config.log_connections,
         )
 
 
@@ -181,6 +184,7 @@ class UdpFrontend(DatagramProtocol):
         self.clock = owner.clock
         self.stats = owner.stats
         self.max_datagram = owner.limits.max_datagram
+        self.log_flows = owner.limits.log_flows
         self.flows: dict[tuple[str, int], UdpFlow] = {}
 
     def startProtocol(self) -> None:  # noqa: N802

@@ -68,6 +68,7 @@ class FlowOwner(Protocol):
     clock: IReactorTime
     stats: GatewayStats
     max_datagram: int
+    log_flows: bool
 
     def send_to_user(self, data: bytes, address: tuple[str, int]) -> bool:
         """Send one datagram to the user; False when the socket refused it."""
@@ -239,6 +240,8 @@ class UdpFlow(TimeoutMixin):
         owner = self.owner
         owner.stats.udp.flows_ended[why] += 1
         owner.flow_ended(self)
+        if not owner.log_flows:
+            return
         log.info(
             "UDP flow {user} on {tunnel} via {client}/{service}: {din} datagrams"
             " ({bin} bytes) in, {dout} ({bout}) out, {duration:.3f}s, {end}",

@@ -32,6 +32,7 @@ from tests.udpkit import (
     free_udp_port,
     start_dns,
 )
+from threshold.config.policy import ClientPolicy
 from threshold.server import metrics
 from threshold.server.stats import Refusal, UdpDrop, UdpFlowEnd
 
@@ -367,3 +368,32 @@ class UdpTunnelTests(TestCase):
         self.assertEqual(self.udp.dropped[UdpDrop.FLOW_REFUSED], 1)
         self.assertEqual(self.udp.flows_opened, 0)
         self.assertEqual(echo.received, [])
+
+    @inlineCallbacks
+    def test_quota_counts_datagrams_and_cuts_the_flow(self):
+        """Datagram bytes count in the client's quota; "cut" ends the flow."""
+        echo, echo_port = self.echo()
+        port = free_udp_port()
+        yield self.deploy(
+            {"echo": ("127.0.0.1", echo_port)},
+            [udp_tunnel(port, "echo")],
+            client_policies={
+                CLIENT: ClientPolicy(quota_bytes=10_000, quota_exceeded_action="cut")
+            },
+        )
+        user = self.user(port)
+        for _ in range(4):
+            user.send(b"q" * 1000)
+        yield wait_until(lambda: len(user.answers) == 4, 10, "within quota")
+        user.send(b"q" * 3000)
+        yield wait_until(
+            lambda: self.udp.flows_ended[UdpFlowEnd.QUOTA_CUT] == 1, 10, "the cut"
+        )
+        stats = self.deployment.server.stats
+        user.send(b"after")
+        yield wait_until(
+            lambda: stats.refused[Refusal.QUOTA_EXCEEDED] == 1, 10, "refused"
+        )
+        account = self.deployment.server.policy.quota.account(CLIENT)
+        self.assertGreaterEqual(account.used, 10_000)
+        self.assertEqual(self.udp.flows_open, 0)

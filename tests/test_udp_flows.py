@@ -8,6 +8,7 @@ refusals and what a client that vanishes does to its flow.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import MessageLengthError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -95,8 +96,11 @@ class FakeRoutes:
 class FakeSocket:
     def __init__(self):
         self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.fail: Exception | None = None
 
     def write(self, data, addr):
+        if self.fail is not None:
+            raise self.fail
         self.sent.append((data, addr))
 
     def getHost(self):  # noqa: N802
@@ -313,3 +317,17 @@ class FlowTableTests(SynchronousTestCase):
         self.assertEqual(self.sessions["a"].streams[0].how, "fin")
         self.assertEqual(self.stats.udp.flows_open, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_send_failure_to_the_user_counted(self):
+        """A socket error sending to the user drops that datagram only."""
+        frontend = self.frontend()
+        frontend.datagramReceived(b"q", USER)
+        stream = self.sessions["a"].streams[0]
+        for error in (OSError(105, "no buffer space"), MessageLengthError("long")):
+            self.socket.fail = error
+            stream.protocol.dataReceived(datagram.encode(b"lost"))
+        self.socket.fail = None
+        stream.protocol.dataReceived(datagram.encode(b"kept"))
+        self.assertEqual(self.socket.sent, [(b"kept", USER)])
+        self.assertEqual(self.stats.udp.dropped[UdpDrop.SEND_FAILED], 2)
+        self.assertEqual(self.stats.udp.flows_open, 1)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import InvalidAddressError, MessageLengthError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -215,7 +216,7 @@ class UdpFrontend(DatagramProtocol):
         """Send one datagram from the tunnel's socket; False if it failed."""
         try:
             self.transport.write(data, address)
-        except OSError as e:
+        except (OSError, MessageLengthError, InvalidAddressError) as e:
             log.debug("UDP send to {address} failed: {why}", address=address, why=e)
             return False
         return True

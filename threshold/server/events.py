@@ -237,7 +237,7 @@ class _Window:
     timer: IDelayedCall
     count: int = 0
     data: dict[str, Any] = field(default_factory=dict)
-    subjects: set[str] = field(default_factory=set)
+    subjects: set[tuple[tuple[str, Any], ...]] = field(default_factory=set)
 
 
 #: Distinct subjects (sources, clients) counted per window; past it, "more".
@@ -260,12 +260,22 @@ class LimitDigest:
         self.clock = clock
         self.interval = interval
         self._windows: dict[str, _Window] = {}
+        #: Turns a hit's ``where`` into event fields, at the event only.
+        self.render: Callable[[dict[str, Any]], dict[str, Any]] = dict
 
-    def hit(self, limit: str, **where: Any) -> None:
-        """One hit of ``limit``; ``where`` says whose (ClientId, Tunnel, Source)."""
+    def hit(
+        self, limit: str, where: dict[str, Any] | None = None, /, **fields: Any
+    ) -> None:
+        """One hit of ``limit``; ``where`` (or the keywords) says whose
+        (ClientId, Tunnel, Source).
+
+        On the path of every refused connection: a flood costs a counter
+        per hit; the event fields are made at the event only.
+        """
         if self.feed.closed:
             return
-        where = {k: v for k, v in where.items() if v is not None}
+        if where is None:
+            where = fields
         window = self._windows.get(limit)
         if window is None:
             self._emit(limit, 1, where, 1)
@@ -274,7 +284,7 @@ class LimitDigest:
         window.count += 1
         window.data = where
         if len(window.subjects) < MAX_SUBJECTS:
-            window.subjects.add(_subject(where))
+            window.subjects.add(tuple(where.items()))
 
     def _timer(self, limit: str) -> IDelayedCall:
         return self.clock.callLater(self.interval, self._flush, limit)
@@ -295,7 +305,7 @@ class LimitDigest:
             Count=count,
             Subjects=subjects,
             IntervalSeconds=self.interval,
-            **where,
+            **{k: v for k, v in self.render(where).items() if v is not None},
         )
 
     def pending(self) -> dict[str, int]:
@@ -308,10 +318,6 @@ class LimitDigest:
             if window.timer.active():
                 window.timer.cancel()
         self._windows.clear()
-
-
-def _subject(where: dict[str, Any]) -> str:
-    return repr(sorted(where.items()))
 
 
 def matching(patterns: Iterable[str] | None) -> Callable[[str], bool]:

@@ -123,6 +123,7 @@ class EventSources:
         serving.on_failover = self._failover
         routes.watch(self._switched)
         stats.on_limit = self._limit
+        feed.limits.render = _limit_fields
         self._checks = LoopingCall(self.check_certificates)
         self._checks.clock = feed.clock
         self._interval = check_interval
@@ -218,9 +219,14 @@ class EventSources:
         )
 
     def _limit(self, limit: Limit, where: dict[str, object]) -> None:
-        fields: dict[str, Any] = {}
-        for name, value in where.items():
-            if name == "tunnel" and isinstance(value, tuple):
-                value = _key_text(value)
-            fields[_WHERE.get(name, name)] = value
-        self.feed.limits.hit(limit.value, **fields)
+        self.feed.limits.hit(limit.value, where)
+
+
+def _limit_fields(where: dict[str, Any]) -> dict[str, Any]:
+    """A limit hit's ``where`` (tunnel key, client, source) as event fields."""
+    fields: dict[str, Any] = {}
+    for name, value in where.items():
+        if name == "tunnel" and isinstance(value, tuple):
+            value = _key_text(value)
+        fields[_WHERE.get(name, name)] = value
+    return fields

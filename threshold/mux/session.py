@@ -12,10 +12,9 @@ buffer fills, stream data waits (streams keep it, within their windows, and
 pause their producers); control frames still go out. A slow stream never
 pauses the session: it just stops granting window to its peer.
 
-Writes: frames written while the session is corked (:meth:`MuxSession.cork`:
-while it acts on a slice of the peer's frames, and while a role opens a
-stream and writes its first bytes) go to the transport together, as one
-``writeSequence``: over TLS one record instead of one per frame.
+Writes go through a :class:`~threshold.mux.writer.FrameWriter`, corked while
+the session acts on a slice of the peer's frames (and by a role around
+opening a stream and its first bytes): one TLS record per burst.
 
 Fairness: one session acts on at most
 :data:`~threshold.mux.intake.FRAMES_PER_SLICE` frames per turn of the reactor
@@ -59,6 +58,7 @@ from threshold.mux.states import (
     session_next,
 )
 from threshold.mux.stream import Stream
+from threshold.mux.writer import FrameWriter
 from threshold.wire.frames import (
     FLAG_RST,
     GO_AWAY_INTERNAL_ERROR,
@@ -144,9 +144,7 @@ class MuxSession(Protocol):
         self.write_blocked = False
         self._blocked_control = 0
         self._waiting: dict[int, Stream] = {}
-        # Corked: frames wait in _corked until the outermost uncork().
-        self._cork_depth = 0
-        self._corked: list[bytes] = []
+        self._out = FrameWriter()
         self._keepalive = Keepalive(
             clock, self.config, self._write, self._keepalive_expired
         )
@@ -246,26 +244,13 @@ class MuxSession(Protocol):
         return self.transport.getHost() if self.transport is not None else None
 
     def cork(self) -> None:
-        """Hold the frames written from now until the matching :meth:`uncork`.
-
-        Nested calls are counted; only the outermost uncork writes. Use
-        with ``try``/``finally``, around a run of writes that ends before
-        control returns to the reactor.
-        """
-        self._cork_depth += 1
+        """Hold frames written until :meth:`uncork` (``try``/``finally``,
+        within one reactor callback): they go as one write."""
+        self._out.cork()
 
     def uncork(self) -> None:
-        """Write the frames held since the outermost :meth:`cork`, at once."""
-        self._cork_depth -= 1
-        if self._cork_depth == 0:
-            self._flush_corked()
-
-    def _flush_corked(self) -> None:
-        corked = self._corked
-        if corked:
-            self._corked = []
-            if self.state is not _CLOSED and self.transport is not None:
-                self.transport.writeSequence(corked)
+        """Write the frames held since the outermost :meth:`cork`."""
+        self._out.uncork()
 
     def buffered_bytes(self) -> int:
         """Bytes held by all streams, sending and receiving."""
@@ -276,7 +261,7 @@ class MuxSession(Protocol):
     def connectionMade(self) -> None:  # noqa: N802
         """Register for backpressure and start keepalive."""
         self.transport.registerProducer(self, True)
-        self._input.transport = self.transport
+        self._input.transport = self._out.transport = self.transport
         # The first Ping measures the round trip at once, which window
         # auto-tuning needs; later ones keep the session alive.
         self._keepalive.start()
@@ -293,6 +278,7 @@ class MuxSession(Protocol):
             return
         if self._close_reason is None:
             self._close_reason = reason
+        self._out.drop()
         self._keepalive.stop()
         self._input.stop()
         if self._abort_call is not None and self._abort_call.active():
@@ -340,11 +326,9 @@ class MuxSession(Protocol):
             log_frame(
                 self.log, self.name, "sent", TYPE_DATA, flags, stream_id, len(data)
             )
-        header = encode_header(TYPE_DATA, flags, stream_id, len(data))
-        if self._cork_depth:
-            self._corked += (header, data)
-        else:
-            self.transport.writeSequence([header, data])
+        self._out.write_data(
+            encode_header(TYPE_DATA, flags, stream_id, len(data)), data
+        )
 
     def send_window_update(self, stream_id: int, flags: int, delta: int) -> None:
         """Write one Window Update frame."""
@@ -499,7 +483,7 @@ class MuxSession(Protocol):
     def _close_transport(self, stop_reading: bool = False) -> None:
         if self.transport is None or not self._move(SessionEvent.CLOSE):
             return
-        self._flush_corked()  # a Go Away held by a cork goes out first
+        self._out.flush()  # a Go Away held by a cork goes out first
         self._input.stop()  # nothing more is acted on
         if stop_reading:
             # After an error the peer is not even read (the kernel's buffer
@@ -550,7 +534,4 @@ class MuxSession(Protocol):
                     )
                 self.transport.abortConnection()
                 return
-        if self._cork_depth:
-            self._corked.append(data)
-        else:
-            self.transport.write(data)
+        self._out.write(data)

@@ -1,0 +1,62 @@
+"""A session's way out to its transport: frames at once, or held while corked.
+
+Over TLS every write to the transport becomes a record (and, at once or on
+the reactor's turn, a send): the frames of one burst, such as those written
+while the session acts on a slice of input, or a new stream's SYN and its
+opening bytes, are worth sending as one. While corked (:meth:`cork`,
+counted, so nested bursts are one) frames are held in order; the outermost
+:meth:`uncork` writes them as one ``writeSequence``. A burst must end
+before control returns to the reactor, so nothing is delayed by it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FrameWriter:
+    """Writes one session's frames to ``transport``, corked or at once."""
+
+    __slots__ = ("_depth", "_held", "transport")
+
+    def __init__(self) -> None:
+        #: The session's transport; None until connected, and once dropped.
+        self.transport: Any = None
+        self._depth = 0
+        self._held: list[bytes] = []
+
+    def write(self, frame: bytes) -> None:
+        """A whole frame (a header, or header and payload joined)."""
+        if self._depth:
+            self._held.append(frame)
+        elif self.transport is not None:
+            self.transport.write(frame)
+
+    def write_data(self, header: bytes, payload: bytes) -> None:
+        """A Data frame, header and payload apart (no copy to join them)."""
+        if self._depth:
+            self._held += (header, payload)
+        elif self.transport is not None:
+            self.transport.writeSequence([header, payload])
+
+    def cork(self) -> None:
+        """Hold frames until the matching :meth:`uncork`."""
+        self._depth += 1
+
+    def uncork(self) -> None:
+        """Write what was held, at the outermost uncork."""
+        self._depth -= 1
+        if not self._depth:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is held now (before the transport is closed)."""
+        held = self._held
+        if held and self.transport is not None:
+            self._held = []
+            self.transport.writeSequence(held)
+
+    def drop(self) -> None:
+        """The connection is gone: forget what is held, write nothing more."""
+        self._held = []
+        self.transport = None

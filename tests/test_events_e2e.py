@@ -25,6 +25,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from tests.certs import test_pki
 from tests.components import missing, require_tool
 from tests.support import (
     Backend,
@@ -35,6 +36,7 @@ from tests.support import (
     wait_until,
 )
 from threshold.config.client import HealthCheck
+from threshold.keygen import KeyPair, make_client_cert, make_server_cert, write_pair
 from threshold.server.events import EventType, StreamNotice
 from threshold.server.events_service import EventService
 
@@ -283,3 +285,60 @@ class EventStreamDeploymentTests(TestCase):
         self.assertRegex(
             clients[CLIENT]["CertificateNotAfter"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
         )
+
+
+class CertificateExpiryTests(TestCase):
+    """Certificates that end soon, on a real TLS gateway and client."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_server_and_client_certificates_announced(self):
+        """A gateway certificate ending in 10 days is announced at start, a
+        client's ending in 5 at its hello; GET /server shows the end."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        pki = test_pki()
+        with open(pki.ca_cert, "rb") as f, open(pki.ca_key, "rb") as g:
+            ca = KeyPair(f.read(), g.read())
+        files = {}
+        for name, pair in (
+            ("server", make_server_cert(ca, ["localhost"], ["127.0.0.1"], days=10)),
+            ("client", make_client_cert(ca, CLIENT, days=5)),
+        ):
+            files[name] = (f"{folder}/{name}.crt", f"{folder}/{name}.key")
+            write_pair(pair, *files[name])
+        d = Deployment(
+            True,
+            folder,
+            server_tls_certificate_file=files["server"][0],
+            server_tls_key_file=files["server"][1],
+        )
+        d.start_server()
+        self.addCleanup(d.stop)
+        backend = Backend()
+        web_port = yield backend.start()
+        self.addCleanup(backend.stop)
+        d.start_client(
+            CLIENT,
+            {"web": ("127.0.0.1", web_port)},
+            client_tls_certificate_file=files["client"][0],
+            client_tls_key_file=files["client"][1],
+        )
+        yield d.wait_connected(CLIENT)
+        [service] = [s for s in d.server_service if isinstance(s, EventService)]
+        expiring = [
+            e.data
+            for e in service.feed.replay(0).events
+            if e.type == "certificate.expiring"
+        ]
+        self.assertEqual([e["Certificate"] for e in expiring], ["server", "client"])
+        server, client = expiring
+        self.assertEqual(server["Subject"], "CN=localhost")
+        self.assertAlmostEqual(server["DaysLeft"], 10, delta=0.1)
+        self.assertEqual(client["ClientId"], CLIENT)
+        self.assertAlmostEqual(client["DaysLeft"], 5, delta=0.1)
+        status, info = yield d.get_json("/server")
+        self.assertEqual(info["CertificateNotAfter"], server["NotAfter"])
+        status, clients = yield d.get_json("/clients")
+        self.assertEqual(clients[CLIENT]["CertificateNotAfter"], client["NotAfter"])

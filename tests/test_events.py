@@ -491,3 +491,50 @@ class SourcesTests(SynchronousTestCase):
         )
         self.sources.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class CertInfoTests(SynchronousTestCase):
+    """Reading certificates' end dates (server/certinfo.py)."""
+
+    def test_read_file(self):
+        """The first certificate of a PEM file; None when unreadable."""
+        from cryptography import x509
+
+        from tests.certs import test_pki
+        from threshold.server.certinfo import read_file
+
+        pki = test_pki()
+        with open(pki.server_cert, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        info = read_file(pki.server_cert)
+        self.assertEqual(info.not_after, cert.not_valid_after_utc.timestamp())
+        self.assertEqual(info.subject, "CN=localhost")
+        self.assertIsNone(read_file(self.mktemp()))
+        garbage = self.mktemp()
+        with open(garbage, "wb") as f:
+            f.write(b"-----BEGIN CERTIFICATE-----\nnot base64\n")
+        self.assertIsNone(read_file(garbage))
+
+    def test_from_transport(self):
+        """The peer certificate of a TLS transport; None without one."""
+        from OpenSSL import crypto
+
+        from tests.certs import test_pki
+        from threshold.server.certinfo import from_transport, read_file
+
+        pki = test_pki()
+        with open(pki.client_cert("TestClient1"), "rb") as f:
+            x509 = crypto.load_certificate(crypto.FILETYPE_PEM, f.read())
+
+        class Tls:
+            def __init__(self, cert: Any) -> None:
+                self.cert = cert
+
+            def getPeerCertificate(self) -> Any:  # noqa: N802
+                return self.cert
+
+        info = from_transport(Tls(x509))
+        self.assertEqual(info, read_file(pki.client_cert("TestClient1")))
+        self.assertIsNone(from_transport(Tls(None)))
+        self.assertIsNone(from_transport(object()))
+        self.assertEqual(info.not_after_iso[-1], "Z")

@@ -179,6 +179,7 @@ class JsonTests(SynchronousTestCase):
                 "OpenConnections": 1,
                 "ReceivedBytes": 7,
                 "SentBytes": 9,
+                "SamplesKept": 1,
             },
         )
         self.assertEqual(web["Samples"]["OpenConnections"], [0])
@@ -203,3 +204,62 @@ class JsonTests(SynchronousTestCase):
         h.keys = [WEB, WEB]
         h.history.sample()
         self.assertEqual(len(h.history.to_json()["Tunnels"]), 1)
+
+
+class AfterTests(SynchronousTestCase):
+    """``after``: only the samples a reader does not have yet."""
+
+    def setUp(self) -> None:
+        self.h = Harness(interval=10, span=60)
+        self.h.history.start()
+        self.addCleanup(self.h.history.stop)
+
+    def test_numbers_and_epoch(self):
+        """Samples are numbered from 1; the epoch is when the history began."""
+        self.h.clock.pump([10, 10])
+        body = self.h.history.to_json()
+        self.assertEqual(body["Sample"], 3)
+        self.assertEqual(body["Epoch"], 0)
+        self.assertEqual(body["Gateway"]["SamplesKept"], 3)
+
+    def test_only_later_samples(self):
+        """after=N gives the samples numbered past N, rates as in the full ring."""
+        self.h.clock.advance(10)
+        flow = self.h.flow(WEB, 0, 0)
+        self.h.clock.advance(10)
+        flow.bytes_in += 1000  # type: ignore[attr-defined]
+        self.h.clock.advance(10)
+        full = self.h.history.to_json()["Tunnels"][0]["Samples"]
+        later = self.h.history.to_json(after=2)["Tunnels"][0]
+        self.assertEqual(later["SamplesKept"], 4)
+        self.assertEqual(later["Samples"]["Times"], [20, 30])
+        for name, column in later["Samples"].items():
+            self.assertEqual(column, full[name][2:], name)
+        self.assertEqual(later["Samples"]["ReceivedBytesPerSecond"], [0.0, 100.0])
+        nothing = self.h.history.to_json(after=4)
+        self.assertEqual(nothing["Gateway"]["Samples"]["Times"], [])
+        self.assertEqual(nothing["Sample"], 4)
+        # A number from before the history (or 0): everything.
+        self.assertEqual(self.h.history.to_json(after=0)["Gateway"]["Samples"], {
+            k: v for k, v in self.h.history.to_json()["Gateway"]["Samples"].items()
+        })  # fmt: skip
+
+    def test_after_past_the_ring(self):
+        """A reader further behind than the ring gets the whole ring."""
+        self.h.clock.pump([10] * 20)
+        body = self.h.history.to_json(after=3)
+        self.assertEqual(len(body["Gateway"]["Samples"]["Times"]), 7)
+        self.assertEqual(body["Gateway"]["SamplesKept"], 7)
+
+    def test_new_tunnel_after(self):
+        """A tunnel added after sample N: all its samples are later than N."""
+        self.h.keys = [SSH]
+        self.h.clock.advance(10)
+        self.h.keys = [SSH, WEB]
+        self.h.clock.advance(10)
+        self.h.clock.advance(10)
+        web = self.h.history.to_json(after=2)["Tunnels"][1]
+        self.assertEqual(web["ListenPort"], 443)
+        self.assertEqual(web["Samples"]["Times"], [20, 30])
+        self.assertEqual(web["SamplesKept"], 2)
+        self.assertEqual(web["Samples"]["ReceivedBytesPerSecond"], [None, 0.0])

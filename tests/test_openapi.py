@@ -375,7 +375,7 @@ class Broken:
     def snapshot(self) -> dict[str, Any]:
         raise ZeroDivisionError("broken on purpose")
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, after: int | None = None) -> dict[str, Any]:
         raise ZeroDivisionError("broken on purpose")
 
     def is_connected(self, client_id: str) -> bool:
@@ -443,6 +443,8 @@ def drive(case: SynchronousTestCase) -> Harness:
     for path in ("/", "/static/status.js", "/static/status.css", "/static/favicon.svg",
                  "/static/nope.js", "/status/history"):  # fmt: skip
         h.request(page, "GET", path)
+    h.request(page, "GET", "/status/history?after=1")
+    h.request(page, "GET", "/status/history?after=-1")
     h.request(ok, "GET", "/status/history")
     h.request(h.api(history=Broken()), "GET", "/status/history")
     # The access policy: its fields in the answers, the quota reset.

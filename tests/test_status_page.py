@@ -201,6 +201,26 @@ class HistoryRouteTests(RoutesTestCase):
         self.assertEqual(body, self.history.to_json())
         self.assertEqual(body["Gateway"]["Samples"]["Times"], [1000])
 
+    def test_after(self):
+        """?after=N answers only the later samples."""
+        self.history.sample()
+        body = json.loads(self.request("GET", "/status/history?after=1").body)
+        self.assertEqual(body, self.history.to_json(1))
+        self.assertEqual(body["Sample"], 2)
+        self.assertEqual(len(body["Gateway"]["Samples"]["Times"]), 1)
+        self.assertEqual(body["Gateway"]["SamplesKept"], 2)
+        empty = json.loads(self.request("GET", "/status/history?after=2").body)
+        self.assertEqual(empty["Gateway"]["Samples"]["Times"], [])
+
+    def test_bad_after(self):
+        """A value of after that is not a sample number: 400 saying so."""
+        for query in ("x", "-1", "1.5", "%201", "1e3", "", "+1", "1&after=2",
+                      "9" * 19, "%D9%A3"):  # fmt: skip
+            answer = self.request("GET", f"/status/history?after={query}")
+            self.assertEqual(answer.code, 400, query)
+            error = json.loads(answer.body)["error"]
+            self.assertTrue(error.startswith("after "), error)
+
     def test_no_history(self):
         """A server built without a sampler answers 404."""
         app, _ = stub(history=False)

@@ -170,6 +170,11 @@ class Browser:
         self.driver.quit()
 
 
+def js_number(value: float) -> str:
+    """A number as JavaScript's String() writes it (5 for 5.0)."""
+    return str(int(value)) if value == int(value) else repr(value)
+
+
 TUNNEL_CARD = "document.querySelector('article[data-tunnel=\"127.0.0.1:{port}\"]')"
 
 
@@ -285,6 +290,29 @@ class StatusPageBrowserTests(TestCase):
         self.assertGreater(float(rate), 0)
         open_line = browser.js(f"return {card}.querySelector('polyline.open')")
         self.assertIsNotNone(open_line)
+
+        # The page asked only for new samples after its first answer: what
+        # it merged is the server's ring. With sampling stopped, a new set
+        # (the tunnels.applied event) makes it refresh once more.
+        deployment.server.history.stop()
+        code, full = yield deployment.get_json("/status/history")
+        self.assertEqual(code, 200)
+        [ring] = [t for t in full["Tunnels"] if t["ListenPort"] == port]
+        times = ring["Samples"]["Times"]
+        self.assertGreater(len(times), 3)
+        self.assertEqual(ring["SamplesKept"], len(times))
+        code, _ = yield deployment.put_tunnels(
+            [tunnel("TestClient1", port, "web"), second]
+        )
+        self.assertEqual(code, 200)
+        expected = f"{len(times)} {js_number(times[0])} {js_number(times[-1])}"
+        merged = yield deferToThread(
+            browser.wait,
+            f"const s = {card}.dataset.samples;"
+            f" return s === {json.dumps(expected)} && s",
+            "the page's samples to be the server's",
+        )
+        self.assertEqual(merged, expected)
 
         # Markup in a service name stays text: shown as written, nothing run.
         heading = browser.js(

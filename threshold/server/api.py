@@ -94,6 +94,14 @@ class EventStreamsView(Protocol):
         ...
 
 
+class HistoryView(Protocol):
+    """What ``GET /status/history`` reads (history.TrafficHistory)."""
+
+    def to_json(self, after: int | None = None) -> dict[str, Any]:
+        """The samples (only those after sample ``after``, if given)."""
+        ...
+
+
 class ApiError(Exception):
     """A request refused with an HTTP status and a JSON error message."""
 
@@ -167,7 +175,7 @@ class ManagementAPI:
         serving: ServingView | None = None,
         policy: PolicyView | None = None,
         fleet: Any = None,
-        history: Jsonable | None = None,
+        history: HistoryView | None = None,
         events: EventStreamsView | None = None,
         server_info: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
@@ -320,8 +328,12 @@ class ManagementAPI:
         self._authorize(request)
         if self._history is None:
             raise ApiError(404, "no traffic history on this server")
+        try:
+            after = statuspage.after_sample(request)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
         request.setHeader(b"cache-control", b"no-store")
-        return self._json(request, 200, self._history.to_json())
+        return self._json(request, 200, self._history.to_json(after))
 
     @app.route("/events", methods=["GET"])
     def events(self, request: IRequest) -> Deferred[bytes]:

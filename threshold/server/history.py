@@ -10,13 +10,17 @@ force; the others are counted as not sampled), each ring holds
 ring at the next sample (one that comes back starts a new one).
 
 A sample holds cumulative counters (connections accepted, bytes each way)
-and the open connections at that instant; rates per second are worked out
-when read, from two neighbouring samples, so nothing is kept twice.
-``GET /status/history`` serves :meth:`TrafficHistory.to_json`.
+and the open connections at that instant; the rates per second since the
+sample before, and the API's columns, are worked out as it is taken, so a
+read only copies lists. Samples are numbered: a reader that has them up to
+number N asks only for the later ones (``GET /status/history?after=N``),
+which keeps a page's polls small. ``GET /status/history`` serves
+:meth:`TrafficHistory.to_json`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
 
     from threshold.server.stats import GatewayStats, Traffic
 
-__all__ = ["HistorySettings", "Sample", "TrafficHistory"]
+__all__ = ["COLUMNS", "HistorySettings", "Ring", "Sample", "TrafficHistory"]
 
 #: The page's charts show this much; a ring keeps no more.
 DEFAULT_SPAN = 3600.0
@@ -71,45 +75,73 @@ class Sample(NamedTuple):
     sent: int
 
 
-def _rate(now: float, before: float, at: float, earlier: float) -> float | None:
+def _rate(now: int, before: int, at: float, earlier: float) -> float | None:
     if at <= earlier:
         return None
     # Counters only grow; a drop (there is none today) reads as no traffic.
-    return round(max(0.0, now - before) / (at - earlier), 3)
+    return round(max(0, now - before) / (at - earlier), 3)
 
 
-def samples_json(ring: Sequence[Sample]) -> dict[str, list[Any]]:
-    """A ring as columns: times, open connections and rates per second.
+#: The columns of a ring in the API, in order.
+COLUMNS = (
+    "Times",
+    "OpenConnections",
+    "NewConnectionsPerSecond",
+    "ReceivedBytesPerSecond",
+    "SentBytesPerSecond",
+)
 
-    The first sample's rates are ``null``: there is nothing before it.
+
+class Ring:
+    """One series: its samples, and the API's columns worked out as each
+    arrives (so a read copies lists and computes nothing).
+
+    Every sample carries the history's sample number, so a reader that has
+    the samples up to number N asks for the ones after it
+    (:meth:`to_json` with ``after``).
     """
-    out: dict[str, list[Any]] = {
-        "Times": [],
-        "OpenConnections": [],
-        "NewConnectionsPerSecond": [],
-        "ReceivedBytesPerSecond": [],
-        "SentBytesPerSecond": [],
-    }
-    previous: Sample | None = None
-    for sample in ring:
-        out["Times"].append(round(sample.time, 3))
-        out["OpenConnections"].append(sample.open)
+
+    def __init__(self, size: int) -> None:
+        self.samples: deque[Sample] = deque(maxlen=size)
+        self.numbers: deque[int] = deque(maxlen=size)
+        self.columns: dict[str, deque[Any]] = {
+            name: deque(maxlen=size) for name in COLUMNS
+        }
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def append(self, number: int, sample: Sample) -> None:
+        """Add sample ``number``; its rates are since the one before."""
+        previous = self.samples[-1] if self.samples else None
+        self.samples.append(sample)
+        self.numbers.append(number)
+        columns = self.columns
+        columns["Times"].append(round(sample.time, 3))
+        columns["OpenConnections"].append(sample.open)
         for name, attr in (
-            ("NewConnectionsPerSecond", "accepted"),
-            ("ReceivedBytesPerSecond", "received"),
-            ("SentBytesPerSecond", "sent"),
+            ("NewConnectionsPerSecond", 1),
+            ("ReceivedBytesPerSecond", 3),
+            ("SentBytesPerSecond", 4),
         ):
             rate = None
             if previous is not None:
-                rate = _rate(
-                    getattr(sample, attr),
-                    getattr(previous, attr),
-                    sample.time,
-                    previous.time,
-                )
-            out[name].append(rate)
-        previous = sample
-    return out
+                rate = _rate(sample[attr], previous[attr], sample.time, previous.time)
+            columns[name].append(rate)
+
+    def to_json(self, after: int | None = None) -> dict[str, list[Any]]:
+        """The columns, oldest first; with ``after``, only later samples.
+
+        The first sample's rates are ``null``: there is nothing before it.
+        """
+        # Numbers grow by one per sample, so the later ones are a suffix.
+        skip = 0
+        if after is not None and self.numbers:
+            skip = min(len(self.numbers), max(0, after - self.numbers[0] + 1))
+        return {
+            name: list(itertools.islice(column, skip, None))
+            for name, column in self.columns.items()
+        }
 
 
 def _counters(traffic: Traffic | None) -> dict[str, int]:
@@ -142,8 +174,13 @@ class TrafficHistory:
         self.clock = clock
         self.settings = settings or HistorySettings()
         self._tunnels = tunnels
-        self._rings: dict[TunnelKey, deque[Sample]] = {}
-        self._gateway: deque[Sample] = deque(maxlen=self.settings.ring_size)
+        self._rings: dict[TunnelKey, Ring] = {}
+        self._gateway = Ring(self.settings.ring_size)
+        #: Samples taken since start: the number of the last one.
+        self.taken = 0
+        #: When the history started (the clock's time): a reader that saw
+        #: another epoch (the server restarted) starts over.
+        self.epoch = round(clock.seconds(), 3)
         #: Tunnels in force past max_tunnels at the last sample.
         self.not_sampled = 0
         self._loop: LoopingCall | None = None
@@ -165,6 +202,8 @@ class TrafficHistory:
     def sample(self) -> None:
         """Take one sample of every tunnel in force and of the gateway."""
         now = self.clock.seconds()
+        self.taken += 1
+        number = self.taken
         traffic = self.stats.tunnels
         keys = list(dict.fromkeys(self._tunnels()))
         limit = self.settings.max_tunnels
@@ -174,33 +213,41 @@ class TrafficHistory:
         for key, ring in self._rings.items():
             t = traffic.get(key)
             if t is None:
-                ring.append(Sample(now, 0, 0, 0, 0))
+                ring.append(number, Sample(now, 0, 0, 0, 0))
             else:
-                ring.append(Sample(now, t.accepted, t.open, t.bytes_in, t.bytes_out))
+                sample = Sample(now, t.accepted, t.open, t.bytes_in, t.bytes_out)
+                ring.append(number, sample)
         self._gateway.append(
+            number,
             Sample(
                 now,
                 self.stats.accepted,
                 self.stats.open,
                 sum(t.bytes_in for t in traffic.values()),
                 sum(t.bytes_out for t in traffic.values()),
-            )
+            ),
         )
 
-    def _new_ring(self) -> deque[Sample]:
-        return deque(maxlen=self.settings.ring_size)
+    def _new_ring(self) -> Ring:
+        return Ring(self.settings.ring_size)
 
     def ring(self, key: TunnelKey) -> list[Sample]:
         """One tunnel's samples, oldest first ([] when it has no ring)."""
-        return list(self._rings.get(key, ()))
+        ring = self._rings.get(key)
+        return list(ring.samples) if ring is not None else []
 
     @property
     def gateway(self) -> list[Sample]:
         """The gateway's samples, oldest first."""
-        return list(self._gateway)
+        return list(self._gateway.samples)
 
-    def to_json(self) -> dict[str, Any]:
-        """``GET /status/history``: the rings, with the counters right now."""
+    def to_json(self, after: int | None = None) -> dict[str, Any]:
+        """``GET /status/history``: the rings, with the counters right now.
+
+        With ``after`` (a sample number), each ring has only the samples
+        taken after it; ``SamplesKept`` still says how many it holds, so a
+        reader that adds the new ones to what it had keeps that many.
+        """
         traffic = self.stats.tunnels
         tunnels = []
         for key, ring in self._rings.items():
@@ -211,7 +258,8 @@ class TrafficHistory:
                     "ListenPort": port,
                     "ListenHostnameGlob": glob,
                     **_counters(traffic.get(key)),
-                    "Samples": samples_json(ring),
+                    "SamplesKept": len(ring),
+                    "Samples": ring.to_json(after),
                 }
             )
         gateway = {
@@ -223,10 +271,13 @@ class TrafficHistory:
                 reason.value: count
                 for reason, count in sorted(self.stats.refused.items())
             },
-            "Samples": samples_json(self._gateway),
+            "SamplesKept": len(self._gateway),
+            "Samples": self._gateway.to_json(after),
         }
         return {
             "Now": round(self.clock.seconds(), 3),
+            "Epoch": self.epoch,
+            "Sample": self.taken,
             "IntervalSeconds": self.settings.interval,
             "SpanSeconds": self.settings.span,
             "Gateway": gateway,

@@ -24,6 +24,7 @@ __all__ = [
     "CONTENT_SECURITY_POLICY",
     "PAGE",
     "STATIC_TYPES",
+    "after_sample",
     "page",
     "set_security_headers",
     "static_file",
@@ -91,3 +92,22 @@ def static_file(request: IRequest, name: str) -> bytes | None:
     set_security_headers(request, STATIC_CACHE)
     request.setHeader(b"content-type", STATIC_TYPES[name[name.rfind(".") :]])
     return body
+
+
+def after_sample(request: IRequest) -> int | None:
+    """``?after=N`` of ``GET /status/history``: a sample number, or None.
+
+    Raises ValueError saying what is wrong with it.
+    """
+    values = request.args.get(b"after")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ValueError("after is given more than once")
+    raw = values[0].decode("latin-1")
+    # Digits only: no sign, no space, no "1e3", and short enough to parse.
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise ValueError(
+            f"after must be a sample number (an integer from 0), not {raw[:40]!r}"
+        )
+    return int(raw)

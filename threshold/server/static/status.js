@@ -255,6 +255,10 @@
       card.dataset.tunnel = where;
       card.dataset.receivedBytes = h ? String(h.ReceivedBytes) : "";
       card.dataset.sentBytes = h ? String(h.SentBytes) : "";
+      if (h) {
+        const times = h.Samples.Times;
+        card.dataset.samples = [times.length, times[0], times[times.length - 1]].join(" ");
+      }
       card.append(
         facts([
           ["clients", tunnelClients(t)],
@@ -312,6 +316,41 @@
     return response.json();
   }
 
+  // The samples the page has: after the first answer it asks only for the
+  // samples taken since (?after=), adds them and keeps as many as the
+  // server does (SamplesKept), so a poll stays small.
+  let history = null;
+
+  function mergeSamples(old, fresh, kept) {
+    const out = {};
+    for (const name of Object.keys(fresh)) {
+      const merged = (old && old[name] ? old[name] : []).concat(fresh[name]);
+      out[name] = merged.slice(Math.max(0, merged.length - kept));
+    }
+    return out;
+  }
+
+  async function getHistory() {
+    if (history === null) {
+      history = await getJson("/status/history");
+      return history;
+    }
+    const fresh = await getJson("/status/history?after=" + history.Sample);
+    if (fresh.Epoch !== history.Epoch || fresh.Sample < history.Sample) {
+      // The server restarted: what the page has is void.
+      history = null;
+      return getHistory();
+    }
+    const before = new Map(history.Tunnels.map(function (t) { return [tunnelKey(t), t]; }));
+    fresh.Gateway.Samples = mergeSamples(history.Gateway.Samples, fresh.Gateway.Samples, fresh.Gateway.SamplesKept);
+    for (const t of fresh.Tunnels) {
+      const old = before.get(tunnelKey(t));
+      t.Samples = mergeSamples(old && old.Samples, t.Samples, t.SamplesKept);
+    }
+    history = fresh;
+    return history;
+  }
+
   async function refresh() {
     if (busy) return;
     busy = true;
@@ -320,7 +359,7 @@
       const [clients, status, history] = await Promise.all([
         getJson("/clients"),
         getJson("/tunnels/status"),
-        getJson("/status/history"),
+        getHistory(),
       ]);
       renderGateway(history, clients, status);
       renderClients(clients);

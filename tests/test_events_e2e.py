@@ -214,6 +214,13 @@ class EventStreamDeploymentTests(TestCase):
         )
         self.assertIn({"state": "error", "status": None}, lines.lines)
 
+        # The gateway stops: the stream ends with stream.closed.
+        yield d.stop_server()
+        yield wait_until(lambda: lines.of_type("stream.closed"), 10, "stream.closed")
+        [closed] = lines.of_type("stream.closed")
+        self.assertEqual(closed["data"]["data"]["LastId"], last_before + 2)
+        self.assertEqual(closed["lastEventId"], str(last_before + 2))
+
     @inlineCallbacks
     def test_curl_reads_the_history_with_since(self):
         """curl -N with ?since=0 gets every event kept, as SSE."""

@@ -14,12 +14,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from threshold import config
+from threshold.client.socks_codec import SocksParser, SocksState
+from threshold.config.egress import EGRESS_POLICY
 from threshold.mux.interfaces import StreamAcceptor
 from threshold.mux.session import MuxSession, SessionConfig
+from threshold.schema import SchemaError
 from threshold.server import routes
 from threshold.server.api import ApiError, _decode_json
 from threshold.testing import Collector, FrameReader
-from threshold.wire import clienthello, frames, handshake
+from threshold.wire import clienthello, egress, frames, handshake
 
 
 def _cuts(data: bytes) -> list[bytes]:
@@ -110,10 +113,29 @@ def api_target(data: bytes) -> None:
         pass
 
 
+def egress_target(data: bytes) -> None:
+    """SOCKS5 parser, egress lines, EgressPolicy: events, their own errors."""
+    parser = SocksParser()
+    for piece in _cuts(data):
+        if parser.state in (SocksState.DONE, SocksState.FAILED):
+            break
+        parser.feed(piece)
+    for parse in (egress.parse_request, egress.parse_answer):
+        try:
+            parse(data)
+        except egress.EgressError:
+            pass
+    try:
+        EGRESS_POLICY.check(_json_value(data))
+    except SchemaError:
+        pass
+
+
 TARGETS = {
     "frames": frames_target,
     "handshake": handshake_target,
     "clienthello": clienthello_target,
     "config": config_target,
     "api": api_target,
+    "egress": egress_target,
 }

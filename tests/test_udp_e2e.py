@@ -21,9 +21,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.support import Deployment, tunnel, wait_until
+from tests.test_proxy_protocol_e2e import ipv6_loopback
 from tests.udpkit import (
     DNS_ADDRESS,
     DNS_NAME,
@@ -397,3 +398,36 @@ class UdpTunnelTests(TestCase):
         account = self.deployment.server.policy.quota.account(CLIENT)
         self.assertGreaterEqual(account.used, 10_000)
         self.assertEqual(self.udp.flows_open, 0)
+
+    @inlineCallbacks
+    def test_ipv6_user_gets_a_udp6_proxy_header(self):
+        """A UDP tunnel on ::1: the service sees the user's IPv6 address (UDP6)."""
+        if not ipv6_loopback():
+            raise SkipTest("no IPv6 loopback on this host")
+        echo = UdpEcho(answer=False)
+        echo_port = echo.start()
+        self.addCleanup(echo.stop)
+        port = free_udp_port("::1")
+        yield self.deploy(
+            {"echo": ("127.0.0.1", echo_port)},
+            [
+                udp_tunnel(
+                    port,
+                    "echo",
+                    ListenAddress="::1",
+                    HaProxyProxyProtocol=True,
+                    HaProxyProxyProtocolVersion=2,
+                )
+            ],
+        )
+        user = UdpUser().start(port, "::1")
+        self.addCleanup(user.stop)
+        user.send(b"six")
+        yield wait_until(lambda: len(echo.received) == 1, 10, "the datagram")
+        data = echo.received[0][0]
+        length = 16 + int.from_bytes(data[14:16], "big")
+        result = ProxyProtocolV2().unpack(data[:length])
+        self.assertEqual(data[13], 0x22)  # UDP6
+        self.assertEqual((str(result.source[0]), result.source[1]), user.address[:2])
+        self.assertEqual((str(result.dest[0]), result.dest[1]), ("::1", port))
+        self.assertEqual(data[length:], b"six")

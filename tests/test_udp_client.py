@@ -44,8 +44,11 @@ class FakePort:
 class FakeUdpReactor:
     def __init__(self):
         self.ports: list[FakePort] = []
+        self.fail: Exception | None = None
 
     def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):  # noqa: N802, N803
+        if self.fail is not None:
+            raise self.fail
         fake = FakePort(protocol, interface)
         protocol.makeConnection(fake)
         self.ports.append(fake)
@@ -173,3 +176,13 @@ class UdpClientTests(SynchronousTestCase):
         self.c.session.transport.loseConnection()
         self.c.pump.flush()
         self.assertTrue(all(p.stopped for p in self.udp.ports))
+
+    def test_no_socket_for_the_flow_resets(self):
+        """Out of file descriptors: that flow's stream is reset, counted."""
+        self.udp.fail = OSError(24, "Too many open files")
+        user, _ = self.open_flow(first=datagram.encode(b"q"))
+        user.lost.trap(StreamReset)
+        self.assertEqual(self.c.settings.stats.local_failures, 1)
+        self.udp.fail = None
+        self.open_flow(first=datagram.encode(b"again"))
+        self.assertEqual(self.udp.ports[0].sent, [b"again"])

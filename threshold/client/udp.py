@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import socket
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -56,18 +55,6 @@ MAX_LOCAL_DATAGRAM = 65507
 #: Kernel buffer asked for each flow's socket (capped by the host's limits):
 #: a service's burst of answers waits there, not in the process.
 SOCKET_BUFFER = 1024 * 1024
-
-
-def set_buffers(port: object, size: int) -> None:
-    """Ask for ``size`` bytes of kernel buffer on a UDP port (best effort)."""
-    handle = getattr(port, "socket", None)
-    if handle is None:
-        return
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            handle.setsockopt(socket.SOL_SOCKET, option, size)
-        except OSError:
-            pass
 
 
 class UdpDrop(enum.StrEnum):
@@ -158,7 +145,7 @@ class UdpServiceStream(Protocol):
                 0, _LocalSocket(self), interface=interface, maxPacketSize=65536
             )
             self._socket.connect(host, self.address[1])  # type: ignore[attr-defined]
-            set_buffers(self._socket, SOCKET_BUFFER)
+            datagram.set_buffers(self._socket, SOCKET_BUFFER)
         except Exception as e:
             stats.local_failures += 1
             self._reset(

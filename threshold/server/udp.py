@@ -24,7 +24,6 @@ once a minute per tunnel and reason.
 
 from __future__ import annotations
 
-import socket
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -62,18 +61,6 @@ log = Logger(observer=log_observer)
 #: net.core.rmem_max/wmem_max): one socket takes every user's datagrams, and
 #: the default (about 200 KiB) drops bursts of a few hundred.
 SOCKET_BUFFER = 4 * 1024 * 1024
-
-
-def set_buffers(port: object, size: int) -> None:
-    """Ask for ``size`` bytes of kernel buffer on a UDP port (best effort)."""
-    handle = getattr(port, "socket", None)
-    if handle is None:
-        return
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            handle.setsockopt(socket.SOL_SOCKET, option, size)
-        except OSError:
-            pass
 
 
 @dataclass(frozen=True)
@@ -140,7 +127,7 @@ class UdpFrontends:
         listening = self.reactor.listenUDP(
             port, frontend, interface=host, maxPacketSize=self.limits.max_datagram + 1
         )
-        set_buffers(listening, SOCKET_BUFFER)
+        datagram.set_buffers(listening, SOCKET_BUFFER)
         self.frontends[key] = frontend
         return listening
 
@@ -320,8 +307,8 @@ class UdpFrontend(DatagramProtocol):
         log.debug(
             "UDP flow {user} on {group} -> client {client} service {service}"
             " (stream {stream_id})",
-            user=flow._user(),
-            group=flow._tunnel(),
+            user=flow.user_text(),
+            group=flow.tunnel_text(),
             client=client_id,
             service=tunnel.backend_service,
             stream_id=flow.stream.id,

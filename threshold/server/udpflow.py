@@ -174,8 +174,8 @@ class UdpFlow(TimeoutMixin):
             log.warn(
                 "UDP flow {user} on {tunnel}: client {client} sent bad framing:"
                 " {why}; reset",
-                user=self._user(),
-                tunnel=self._tunnel(),
+                user=self.user_text(),
+                tunnel=self.tunnel_text(),
                 client=self.flow.client_id,
                 why=str(e),
             )
@@ -245,8 +245,8 @@ class UdpFlow(TimeoutMixin):
         log.info(
             "UDP flow {user} on {tunnel} via {client}/{service}: {din} datagrams"
             " ({bin} bytes) in, {dout} ({bout}) out, {duration:.3f}s, {end}",
-            user=self._user(),
-            tunnel=self._tunnel(),
+            user=self.user_text(),
+            tunnel=self.tunnel_text(),
             client=self.flow.client_id,
             service=self.tunnel.backend_service,
             din=self.datagrams_in,
@@ -257,10 +257,12 @@ class UdpFlow(TimeoutMixin):
             end=why.value,
         )
 
-    def _user(self) -> str:
+    def user_text(self) -> str:
+        """The user's address for log lines."""
         host, port = self.address[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def _tunnel(self) -> str:
+    def tunnel_text(self) -> str:
+        """The tunnel's address for log lines (``host:port/udp``)."""
         host, port = self.tunnel.group
         return f"[{host}]:{port}/udp" if ":" in host else f"{host}:{port}/udp"

@@ -15,6 +15,7 @@ Pure code, no reactor: :func:`encode` frames one datagram,
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "build_proxy_v2_dgram",
     "check_proxy_v2",
     "encode",
+    "set_buffers",
 ]
 
 #: Bytes of the length prefix.
@@ -153,3 +155,19 @@ def check_proxy_v2(header: bytes) -> str | None:
     if _V2_HEAD.size + length != len(header):
         return "PROXY v2 header length does not match"
     return None
+
+
+def set_buffers(port: object, size: int) -> None:
+    """Ask for ``size`` bytes of kernel buffer each way on a UDP port's socket.
+
+    Best effort: the kernel caps it (``net.core.rmem_max``/``wmem_max``);
+    an object without a ``socket`` (a test double) is left alone.
+    """
+    handle = getattr(port, "socket", None)
+    if handle is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            handle.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError:
+            pass

@@ -120,6 +120,8 @@ class UdpServiceStream(Protocol):
         self._proxy: bytes | None = None if proxy_v2 else b""
         self._decoder = datagram.DatagramDecoder()
         self._socket: IListeningPort | None = None
+        #: This flow's drops, said in one log line when it ends.
+        self._dropped: Counter[str] = Counter()
 
     def connectionMade(self) -> None:  # noqa: N802
         """Open the flow's own socket, connected to the service."""
@@ -209,6 +211,7 @@ class UdpServiceStream(Protocol):
         """Count one dropped datagram."""
         counts: Counter[str] = self.settings.stats.udp_dropped
         counts[why.value] += 1
+        self._dropped[why.value] += 1
 
     def _reset(self, message: str, **fields: object) -> None:
         log.warn(
@@ -231,6 +234,17 @@ class UdpServiceStream(Protocol):
         if self._socket is not None:
             self._socket.stopListening()
             self._socket = None
+        if self._dropped:
+            log.info(
+                "{session}: UDP flow of service {service} (stream {stream_id})"
+                " ended; datagrams dropped: {dropped}",
+                session=self.stream.session.name,
+                service=self.service,
+                stream_id=self.stream.id,
+                dropped=", ".join(
+                    f"{n} {why}" for why, n in sorted(self._dropped.items())
+                ),
+            )
 
 
 def serve_udp(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import errno
 
+from twisted.internet import reactor
 from twisted.internet.defer import succeed
 from twisted.internet.error import CannotListenError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.udpkit import free_udp_port
 from threshold.server.routes import RouteTable, TunnelError, parse_tunnels
+from threshold.server.stats import GatewayStats
+from threshold.server.udp import UdpFrontends, UdpLimits
 
 
 class FakePort:
@@ -139,3 +143,32 @@ class RouteTableTests(SynchronousTestCase):
             table.apply(parse_tunnels([entry(1, "udp")]))
         ).value
         self.assertEqual((error.status, error.field), (400, "Protocol"))
+
+
+class RealSocketTests(TestCase):
+    """UdpFrontends.listen on real loopback sockets."""
+
+    def listen(self, owner, port):
+        listening = owner.listen("127.0.0.1", port, ("127.0.0.1", port))
+        self.addCleanup(listening.stopListening)
+        return listening
+
+    def owner(self, **limits):
+        return UdpFrontends(
+            reactor, reactor, None, None, GatewayStats(), UdpLimits(**limits)
+        )
+
+    def test_port_taken_is_cannot_listen(self):
+        port = free_udp_port()
+        self.listen(self.owner(), port)
+        with self.assertRaises(CannotListenError):
+            self.owner().listen("127.0.0.1", port, ("127.0.0.1", port))
+
+    def test_reuse_port_shares_it(self):
+        """With ReusePort two gateways on one host bind the same UDP port."""
+        port = free_udp_port()
+        first = self.listen(self.owner(reuse_port=True), port)
+        second = self.listen(self.owner(reuse_port=True), port)
+        self.assertEqual(first.getHost().port, second.getHost().port)
+        with self.assertRaises(CannotListenError):
+            self.owner().listen("127.0.0.1", port, ("127.0.0.1", port))

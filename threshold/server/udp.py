@@ -24,12 +24,17 @@ once a minute per tunnel and reason.
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import InvalidAddressError, MessageLengthError
+from twisted.internet.error import (
+    CannotListenError,
+    InvalidAddressError,
+    MessageLengthError,
+)
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -74,6 +79,9 @@ class UdpLimits:
     ipv6_prefix: int = DEFAULT_IPV6_PREFIX
     #: One info line per ended flow (``LogConnections``).
     log_flows: bool = True
+    #: Bind with ``SO_REUSEPORT`` (``ReusePort``): gateways on one host share
+    #: the port; the kernel keeps each user address on one of them.
+    reuse_port: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> UdpLimits:
@@ -85,6 +93,7 @@ class UdpLimits:
             max_datagram=config.udp_max_datagram_bytes,
             ipv6_prefix=config.source_ipv6_prefix_length,
             log_flows=config.log_connections,
+            reuse_port=config.reuses_port,
         )
 
 
@@ -124,9 +133,13 @@ class UdpFrontends:
         frontend = UdpFrontend(self, key)
         # One byte more than the largest datagram relayed: a read that fills
         # it was cut by the kernel, so the datagram was oversize.
-        listening = self.reactor.listenUDP(
-            port, frontend, interface=host, maxPacketSize=self.limits.max_datagram + 1
-        )
+        size = self.limits.max_datagram + 1
+        if self.limits.reuse_port:
+            listening = _reuseport_udp(self.reactor, host, port, frontend, size)
+        else:
+            listening = self.reactor.listenUDP(
+                port, frontend, interface=host, maxPacketSize=size
+            )
         datagram.set_buffers(listening, SOCKET_BUFFER)
         self.frontends[key] = frontend
         return listening
@@ -320,6 +333,31 @@ class UdpFrontend(DatagramProtocol):
         self.stats.udp.dropped[UdpDrop.FLOW_REFUSED] += 1
         host, port = self.key
         self.owner.hits.hit(f"UDP tunnel {host}:{port}", reason.value, why)
+
+
+def _reuseport_udp(
+    reactor: Any, host: str, port: int, protocol: DatagramProtocol, size: int
+) -> IListeningPort:
+    """A UDP socket bound with SO_REUSEPORT, adopted by the reactor.
+
+    ``listenUDP`` has no option for it (as ``listenTCP``: server/reuseport.py).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+        # adoptDatagramPort duplicates the descriptor: ours is closed below.
+        adopted: IListeningPort = reactor.adoptDatagramPort(
+            sock.fileno(), family, protocol, maxPacketSize=size
+        )
+    except OSError as e:
+        raise CannotListenError(host, port, e) from None
+    finally:
+        sock.close()
+    return adopted
 
 
 def _address(address: tuple[str, int]) -> IPv4Address | IPv6Address:

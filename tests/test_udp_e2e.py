@@ -322,7 +322,12 @@ class UdpTunnelTests(TestCase):
         server = self.deployment.server
         self.assertIsNotNone(server.routes.listening_port(("127.0.0.1", port)))
         self.assertIsNotNone(server.routes.udp_port(("127.0.0.1", port)))
-        yield deferLater(reactor, 0, lambda: None)
+        code, status = yield self.deployment.get_json("/tunnels/status")
+        self.assertEqual(code, 200)
+        self.assertEqual(
+            [(t["Protocol"], t["Serving"]) for t in status["Tunnels"]],
+            [("udp", [CLIENT]), ("tcp", [CLIENT])],
+        )
 
     @inlineCallbacks
     def test_window_full_drops_whole_datagrams(self):

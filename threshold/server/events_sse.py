@@ -126,11 +126,24 @@ def requested_types(request: IRequest) -> tuple[str, ...] | None:
 
 
 class SubscriberState(enum.Enum):
-    """Where one stream is; moves only LIVE -> ENDED."""
+    """Where one stream is; moves only along :data:`MOVES`."""
 
+    #: The socket takes what is written: events go straight to it.
     LIVE = "live"
+    #: The socket is full (its reader is slow): events wait in the backlog.
+    PAUSED = "paused"
     #: Ended by the gateway (cut, stopping) or by the reader going away.
     ENDED = "ended"
+
+
+MOVES: dict[SubscriberState, frozenset[SubscriberState]] = {
+    SubscriberState.LIVE: frozenset({SubscriberState.PAUSED, SubscriberState.ENDED}),
+    SubscriberState.PAUSED: frozenset({SubscriberState.LIVE, SubscriberState.ENDED}),
+    SubscriberState.ENDED: frozenset(),
+}
+
+#: States in which the stream is open.
+_OPEN = frozenset({SubscriberState.LIVE, SubscriberState.PAUSED})
 
 
 @implementer(IPushProducer)
@@ -152,20 +165,24 @@ class Subscriber:
         self.request = request
         self.wants = wants
         self.state = SubscriberState.LIVE
-        self.paused = False
         self.backlog: deque[Event] = deque()
         self.done: Deferred[bytes] = Deferred(lambda d: self._gone())
         self.peer = str(getattr(request, "getClientAddress", lambda: "?")())
         #: The id the reader resumed after (Last-Event-ID, ?since=), if any.
         self.after: int | None = None
 
+    def _move(self, state: SubscriberState) -> None:
+        if state not in MOVES[self.state]:
+            raise AssertionError(f"event stream to {self.peer}: no move to {state}")
+        self.state = state
+
     # -- the feed -------------------------------------------------------------
 
     def event(self, event: Event) -> None:
         """A new event: write it, or keep it while the reader is behind."""
-        if self.state is not SubscriberState.LIVE or not self.wants(event.type):
+        if self.state is SubscriberState.ENDED or not self.wants(event.type):
             return
-        if not self.paused:
+        if self.state is SubscriberState.LIVE:
             self.request.write(encode(event))
             return
         if len(self.backlog) >= self.streams.settings.max_backlog:
@@ -196,14 +213,14 @@ class Subscriber:
 
     def keepalive(self) -> None:
         """A comment line, when the socket takes it."""
-        if self.state is SubscriberState.LIVE and not self.paused:
+        if self.state is SubscriberState.LIVE:
             self.request.write(b": keepalive\n\n")
 
     def end(self, final: Event | None) -> None:
         """Write the last notice (if any) and finish the response."""
-        if self.state is not SubscriberState.LIVE:
+        if self.state not in _OPEN:
             return
-        self.state = SubscriberState.ENDED
+        self._move(SubscriberState.ENDED)
         self.backlog.clear()
         self.streams.forget(self)
         if final is not None:
@@ -214,19 +231,23 @@ class Subscriber:
 
     def _gone(self) -> None:
         """The reader went away (the handler's Deferred is cancelled)."""
-        if self.state is SubscriberState.LIVE:
-            self.state = SubscriberState.ENDED
+        if self.state in _OPEN:
+            self._move(SubscriberState.ENDED)
             self.backlog.clear()
             self.streams.forget(self)
 
     # -- IPushProducer: the socket's backpressure -------------------------------
 
     def pauseProducing(self) -> None:  # noqa: N802
-        self.paused = True
+        if self.state is SubscriberState.LIVE:
+            self._move(SubscriberState.PAUSED)
 
     def resumeProducing(self) -> None:  # noqa: N802
-        self.paused = False
-        while self.backlog and not self.paused and self.state is SubscriberState.LIVE:
+        if self.state is not SubscriberState.PAUSED:
+            return
+        self._move(SubscriberState.LIVE)
+        # A write may pause the stream again: what is left keeps waiting.
+        while self.backlog and self.state is SubscriberState.LIVE:
             self.request.write(encode(self.backlog.popleft()))
 
     def stopProducing(self) -> None:  # noqa: N802
@@ -291,7 +312,7 @@ class EventStreams:
             if wants(event.type):
                 request.write(encode(event))
         if self.feed.closed:
-            subscriber.state = SubscriberState.ENDED
+            subscriber._move(SubscriberState.ENDED)
             request.write(encode(self._closed_notice()))
             return succeed(b"")
         self.subscribers.append(subscriber)

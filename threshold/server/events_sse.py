@@ -178,12 +178,13 @@ class Subscriber:
 
     # -- the feed -------------------------------------------------------------
 
-    def event(self, event: Event) -> None:
-        """A new event: write it, or keep it while the reader is behind."""
+    def event(self, event: Event, encoded: bytes | None = None) -> None:
+        """A new event (``encoded``: its SSE bytes, made once for every
+        stream): write it, or keep it while the reader is behind."""
         if self.state is SubscriberState.ENDED or not self.wants(event.type):
             return
         if self.state is SubscriberState.LIVE:
-            self.request.write(encode(event))
+            self.request.write(encoded if encoded is not None else encode(event))
             return
         if len(self.backlog) >= self.streams.settings.max_backlog:
             self.streams.cuts += 1
@@ -334,9 +335,12 @@ class EventStreams:
     # -- EventListener ---------------------------------------------------------
 
     def event(self, event: Event) -> None:
-        """Hand one event to every stream."""
+        """Hand one event to every stream (encoded once for all)."""
+        if not self.subscribers:
+            return
+        encoded = encode(event)
         for subscriber in list(self.subscribers):
-            subscriber.event(event)
+            subscriber.event(event, encoded)
 
     def feed_closed(self) -> None:
         """The gateway stops: every stream ends with ``stream.closed``."""

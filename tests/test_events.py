@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory
@@ -172,6 +174,29 @@ class FeedTests(SynchronousTestCase):
         self.assertFalse(wants("limit.hit"))
         self.assertTrue(matching(None)("anything"))
         self.assertTrue(matching(["*"])("limit.hit"))
+
+
+class ReplayPropertyTests(SynchronousTestCase):
+    """Whatever the history size, emits and id asked: nothing missed silently."""
+
+    @given(
+        history=st.integers(10, 40),
+        emitted=st.integers(0, 120),
+        after=st.integers(0, 200),
+    )
+    def test_replay_is_exact_or_says_reset(self, history, emitted, after):
+        feed = EventFeed(Clock(), lambda: T0, history=history)
+        for _ in range(emitted):
+            feed.emit(EventType.CLIENT_CONNECTED)
+        replay = feed.replay(after)
+        ids = [e.id for e in replay.events]
+        kept = list(range(max(1, emitted - history + 1), emitted + 1))
+        if after <= emitted and (not kept or after >= kept[0] - 1):
+            self.assertIsNone(replay.reset)
+            self.assertEqual(ids, list(range(after + 1, emitted + 1)))
+        else:
+            self.assertIsNotNone(replay.reset)
+            self.assertEqual(ids, kept)
 
 
 class LimitDigestTests(SynchronousTestCase):

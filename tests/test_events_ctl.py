@@ -6,6 +6,8 @@ import io
 import json
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -45,6 +47,19 @@ class ParserTests(SynchronousTestCase):
                     (None, "stream.reset", ['{"id":0}']),
                 ],
             )
+
+    @given(st.lists(st.integers(0, len(STREAM)), max_size=12))
+    def test_any_fragmentation(self, cuts):
+        """Cut anywhere, the same messages come out."""
+        bounds = [0, *sorted(cuts), len(self.STREAM)]
+        parser = SseParser()
+        messages = []
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            messages.extend(parser.feed(self.STREAM[start:end]))
+        self.assertEqual(
+            [(m.id, m.event) for m in messages],
+            [("1", "client.connected"), ("2", "limit.hit"), (None, "stream.reset")],
+        )
 
     def test_line_too_long(self):
         """A line without end past the bound is an error, not memory."""

@@ -349,13 +349,20 @@ def build_webhooks(
     source: str = "server config",
 ) -> list[Webhook]:
     """One Webhook per entry, each with its secret read now (ConfigError if not)."""
-    return [
-        Webhook(
-            hook,
-            feed,
-            clock,
-            post,
-            read_secret(hook.secret_file, source) if hook.secret_file else None,
+    webhooks = []
+    for hook in hooks:
+        secret = read_secret(hook.secret_file, source) if hook.secret_file else None
+        webhooks.append(Webhook(hook, feed, clock, post, secret))
+        log.info(
+            "webhook {label}: posting {events}{signed}",
+            label=hook.label,
+            events=", ".join(hook.events),
+            signed="" if secret is not None else " UNSIGNED (no SecretFile)",
         )
-        for hook in hooks
-    ]
+        if secret is None:
+            log.warn(
+                "webhook {label} has no SecretFile: its receiver cannot tell the"
+                " gateway's posts from anyone else's",
+                label=hook.label,
+            )
+    return webhooks

@@ -371,9 +371,12 @@ class Threshold(Tunnel):
         children: Children,
         backends: dict[str, int],
         pki: Path,
+        server_fields: dict[str, Any] | None = None,
     ) -> None:
         self.tls = tls
         self.name = "threshold TLS" if tls else "threshold"
+        #: More fields of server.json (std_ab.py: ``DIR:LogConnections=false``).
+        self.server_fields = dict(server_fields or {})
         self.dir = directory
         self.dir.mkdir()
         self.children = children
@@ -404,6 +407,7 @@ class Threshold(Tunnel):
             "ListenAddress": "127.0.0.1",
             "ManagementListenAddress": "127.0.0.1",
             "UseTls": self.tls,
+            **self.server_fields,
         }
         client: dict[str, Any] = {
             "ClientId": "bench",

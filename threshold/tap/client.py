@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -24,6 +25,7 @@ from threshold.client.socks import SocksFactory
 from threshold.config import ClientConfig, load_client_config
 from threshold.config.client import ServerEntry
 from threshold.logs import observer as log_observer
+from threshold.schema import format_address
 from threshold.tap.common import (
     ConfigFileOptions,
     listener,
@@ -113,6 +115,13 @@ def build_client(config: ClientConfig, reactor: Any) -> MultiService:
         listener(
             endpoint(reactor, port, interface=host), SocksFactory(settings, links)
         ).setServiceParent(top)
+        if not ipaddress.ip_address(host).is_loopback:
+            log.warn(
+                "Egress.SocksListen is {address}: the SOCKS5 proxy has no"
+                " authentication, so anyone who reaches it connects out as this"
+                " client; keep it on loopback",
+                address=format_address(host, port),
+            )
     if config.admin_socket is not None:
         # Imported only when configured: klein and twisted.web are about a
         # sixth of the client's memory and start-up (docs/performance.md).

@@ -146,15 +146,34 @@ class FeedTests(SynchronousTestCase):
         self.assertIn("older than the history", reset.data["Reason"])
 
     def test_replay_of_an_id_from_another_run_says_reset(self):
-        """An id newer than the newest (the gateway restarted): reset, all kept."""
+        """An id newer than the newest (not this gateway's): reset, all kept."""
         self.feed.emit(EventType.CLIENT_CONNECTED)
         replay = self.feed.replay(500)
         self.assertEqual([e.id for e in replay.events], [1])
-        self.assertIn("restarted", replay.reset.data["Reason"])
+        self.assertIn("not an id of this gateway", replay.reset.data["Reason"])
         # Before any event at all, too.
         empty = EventFeed(self.clock, lambda: self.now).replay(3)
         self.assertEqual(empty.events, ())
         self.assertIsNone(empty.reset.data["OldestId"])
+
+    def test_ids_increase_across_restarts(self):
+        """With the start time as id base, a reader of the previous run is
+        told it missed events instead of being given unrelated ones."""
+        before = EventFeed(self.clock, lambda: self.now, id_base=1_000_000)
+        for _ in range(5):
+            before.emit(EventType.CLIENT_CONNECTED)
+        reader = before.last_id
+        self.assertEqual(reader, 1_000_005)
+        after = EventFeed(self.clock, lambda: self.now, id_base=2_000_000)
+        self.assertEqual(after.replay(after.last_id).events, ())
+        self.assertIsNotNone(after.replay(reader).reset)  # nothing emitted yet
+        for _ in range(3):
+            after.emit(EventType.CLIENT_CONNECTED)
+        replay = after.replay(reader)
+        self.assertIn("older than the history", replay.reset.data["Reason"])
+        self.assertEqual(
+            [e.id for e in replay.events], [2_000_001, 2_000_002, 2_000_003]
+        )
 
     def test_close_tells_listeners_once_and_stops_emitting(self):
         """After close no event is numbered; listeners hear feed_closed once."""
@@ -191,7 +210,10 @@ class ReplayPropertyTests(SynchronousTestCase):
         replay = feed.replay(after)
         ids = [e.id for e in replay.events]
         kept = list(range(max(1, emitted - history + 1), emitted + 1))
-        if after <= emitted and (not kept or after >= kept[0] - 1):
+        if after == 0:
+            self.assertIsNone(replay.reset)
+            self.assertEqual(ids, kept)
+        elif after <= emitted and (not kept or after >= kept[0] - 1):
             self.assertIsNone(replay.reset)
             self.assertEqual(ids, list(range(after + 1, emitted + 1)))
         else:

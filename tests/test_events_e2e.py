@@ -254,7 +254,8 @@ class EventStreamDeploymentTests(TestCase):
         self.assertEqual(result.returncode, 28, result.stderr)  # curl's timeout
         head, _, body = result.stdout.decode().partition("\r\n\r\n")
         self.assertIn("content-type: text/event-stream", head.lower())
-        self.assertIn("id: 1\nevent: client.connected\ndata: {", body)
+        self.assertRegex(body, r"id: \d{13,}\nevent: client.connected\ndata: \{")
+        self.assertNotIn("stream.reset", body)
         self.assertIn("event: tunnels.applied", body)
         self.assertIn(": keepalive", body)
         # Without a certificate: refused like the rest of the API.

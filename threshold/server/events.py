@@ -134,11 +134,17 @@ class EventFeed:
         wall_clock: Callable[[], float] = time.time,
         history: int = DEFAULT_HISTORY,
         limit_interval: float = 10.0,
+        id_base: int = 0,
     ) -> None:
         self.clock = clock
         self.wall_clock = wall_clock
         self._history: deque[Event] = deque(maxlen=history)
-        self._last_id = 0
+        # The first event is id_base + 1. The gateway passes its start time
+        # in milliseconds, so ids keep increasing across restarts (fewer
+        # than one event per millisecond on average) and a reader's id from
+        # a previous run is older than the history: stream.reset, never a
+        # silent replay of unrelated events.
+        self._last_id = id_base
         self._listeners: list[EventListener] = []
         #: Events emitted since start, per type (metrics).
         self.emitted: Counter[str] = Counter()
@@ -147,7 +153,7 @@ class EventFeed:
 
     @property
     def last_id(self) -> int:
-        """The id of the newest event (0 before the first)."""
+        """The id of the newest event (``id_base`` before the first)."""
         return self._last_id
 
     @property
@@ -185,7 +191,8 @@ class EventFeed:
         return Event(0, notice.value, self.wall_clock(), data)
 
     def replay(self, after: int | None) -> Replay:
-        """The events after id ``after`` (None: none, the reader starts now).
+        """The events after id ``after`` (None: none, the reader starts now;
+        0: every event kept).
 
         An id older than the history, or newer than the newest (a reader
         of a previous run of the gateway), gets every kept event and a
@@ -193,6 +200,8 @@ class EventFeed:
         """
         if after is None or after == self._last_id:
             return Replay(())
+        if after == 0:
+            return Replay(tuple(self._history))  # "every event kept"
         oldest = self.oldest_id
         if after > self._last_id or oldest is None or after < oldest - 1:
             reset = self.notice(
@@ -201,8 +210,8 @@ class EventFeed:
                 OldestId=oldest,
                 LastId=self._last_id,
                 Reason=(
-                    "the id is newer than the newest event: the gateway"
-                    " restarted, its ids start over"
+                    "the id is newer than the newest event: not an id of this"
+                    " gateway (another gateway's, or its clock went back)"
                     if after > self._last_id
                     else "the id is older than the history kept"
                     " (EventHistorySize): events were missed"

@@ -8,6 +8,7 @@ goes down.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,7 @@ def build_events(
         clock,
         history=config.event_history_size,
         limit_interval=config.limit_event_interval_seconds,
+        id_base=int(time.time() * 1000),
     )
     sources = EventSources(
         feed,

@@ -319,3 +319,25 @@ class ConfigTests(SynchronousTestCase):
                 f.write(content)
             with self.assertRaises(ConfigError):
                 read_secret(path)
+
+
+class TapTests(SynchronousTestCase):
+    """The server's tap refuses an unreadable SecretFile at start."""
+
+    def test_unreadable_secret_stops_the_start(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from threshold.config import ServerConfig
+        from threshold.tap.server import build_server
+
+        missing = os.path.abspath(self.mktemp())
+        config = ServerConfig(
+            use_tls=False,
+            webhooks=WEBHOOKS.check(
+                [{"Url": "http://127.0.0.1:1/", "SecretFile": missing}]
+            ),
+        )
+        with self.assertRaises(ConfigError) as caught:
+            build_server(config, MemoryReactorClock())
+        self.assertIn(missing, str(caught.exception))
+        self.assertIn("Webhooks.SecretFile", str(caught.exception))

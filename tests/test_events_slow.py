@@ -13,14 +13,19 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory as PlainFactory
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.support import Deployment, wait_until
-from threshold.server.events import EventType
+from threshold.server.api import ManagementAPI
+from threshold.server.events import EventFeed, EventType
 from threshold.server.events_service import EventService
-from threshold.server.events_sse import SubscriberState
+from threshold.server.events_sse import EventStreams, StreamSettings, SubscriberState
+from threshold.server.registry import ClientRegistry
+from threshold.server.routes import RouteTable
+from threshold.server.site import ManagementLimits, management_site
 
 BACKLOG = 10
 
@@ -88,3 +93,32 @@ class SlowReaderTests(TestCase):
         slow.transport.resumeProducing()
         yield wait_until(lambda: b"event: stream.cut" in slow.received, 20, "the cut")
         self.assertTrue(slow.received.endswith(b"0\r\n\r\n"))  # chunked: ended
+
+
+class IdleTimeoutTests(TestCase):
+    """The management API's idle timeout does not cut an open stream."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_a_quiet_stream_outlives_the_idle_timeout(self):
+        feed = EventFeed(reactor)
+        # Keep-alive far away: only the idle timeout could close the stream.
+        streams = EventStreams(feed, Clock(), StreamSettings(keepalive=3600))
+        streams.start()
+        self.addCleanup(streams.close)
+        routes = RouteTable(lambda *a: None, lambda key: PlainFactory())
+        api = ManagementAPI(routes, ClientRegistry(), events=streams)
+        site = management_site(api, ManagementLimits(idle_timeout=0.3), reactor)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        reader = yield connectProtocol(endpoint, RawReader())
+        self.addCleanup(lambda: reader.transport.loseConnection())
+        yield wait_until(lambda: streams.subscribers, 10, "the stream")
+        yield deferLater(reactor, 1.5, lambda: None)  # five idle timeouts
+        self.assertFalse(reader.closed)
+        feed.emit(EventType.CLIENT_CONNECTED, ClientId="a")
+        yield wait_until(
+            lambda: b"event: client.connected" in reader.received, 10, "the event"
+        )

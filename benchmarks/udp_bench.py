@@ -4,11 +4,12 @@ Run from a checkout::
 
     .venv/bin/python benchmarks/udp_bench.py [--quick] [--size 100]
 
-One run starts a UDP echo service (its own process), a tunnel server and
-client under ``twistd`` (``UseTls`` false, as tunnel_bench.py's plain
-column), opens a UDP tunnel with ``PUT /tunnels``, and from this process
-sends paced datagrams (sequence number and send time inside) at each
-offered rate, first straight to the echo service, then through the
+One run starts a UDP echo service (its own process) and two deployments
+of a tunnel server and client under ``twistd`` (``UseTls`` false, and
+mutual TLS with certificates from ``threshold.keygen``, as tunnel_bench.py's
+two columns), opens a UDP tunnel on each with ``PUT /tunnels``, and from
+this process sends paced datagrams (sequence number and send time inside)
+at each offered rate, straight to the echo service, then through each
 tunnel: the answers received per second, the loss (datagrams sent whose
 answer never came within a second of the end), and the round-trip
 latency's median and 99th percentile. One flow, then 64 flows sharing the
@@ -37,6 +38,7 @@ from tunnel_bench import (  # noqa: E402
     BenchError,
     Children,
     Deployment,
+    Pki,
     free_port,
     load_average,
     say,
@@ -134,8 +136,11 @@ def run_load(port: int, rate: int, seconds: float, size: int, flows: int) -> Res
     return Result(rate, flows, total, len(seen), elapsed, p50, p99)
 
 
-def start_tunnel(children: Children, workdir: Path, echo_port: int) -> tuple:
-    deployment = Deployment("udp", False, workdir, None, children, echo_port, 4096)  # type: ignore[arg-type]
+def start_tunnel(
+    children: Children, workdir: Path, echo_port: int, tls: bool, pki: Pki
+) -> tuple:
+    name = "udp-tls" if tls else "udp"
+    deployment = Deployment(name, tls, workdir, pki, children, echo_port, 4096)
     deployment.start_server()
     deployment.start_client("bench")
     port = free_udp_port()
@@ -169,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     rates = [int(r) for r in args.rates.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="udp-bench-"))
     children = Children(workdir)
-    results: dict[str, list[Result]] = {"direct": [], "tunnel": []}
+    paths = ("direct", "tunnel", "tunnel+TLS")
+    results: dict[str, list[Result]] = {path: [] for path in paths}
     try:
         echo_port = free_port()
         children.start(
@@ -178,16 +184,20 @@ def main(argv: list[str] | None = None) -> int:
             line_output=False,
         )
         time.sleep(0.3)
-        deployment, tunnel_port = start_tunnel(children, workdir, echo_port)
+        pki = Pki(workdir / "pki", ["bench"])
+        plain, plain_port = start_tunnel(children, workdir, echo_port, False, pki)
+        tls, tls_port = start_tunnel(children, workdir, echo_port, True, pki)
+        ports = dict(zip(paths, (echo_port, plain_port, tls_port), strict=True))
         time.sleep(0.5)
         for flows in (1, 64):
             for rate in rates:
-                for path, port in (("direct", echo_port), ("tunnel", tunnel_port)):
+                for path in paths:
                     say(f"{path}: {flows} flows at {rate}/s ...")
-                    result = run_load(port, rate, seconds, args.size, flows)
+                    result = run_load(ports[path], rate, seconds, args.size, flows)
                     results[path].append(result)
                     time.sleep(1.5)
-        deployment.stop()
+        plain.stop()
+        tls.stop()
     finally:
         children.stop_all()
     load = load_average()
@@ -196,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| flows | offered/s | path | answered/s | loss | p50 | p99 |")
     print("|---|---|---|---|---|---|---|")
-    for direct, tunnel in zip(results["direct"], results["tunnel"], strict=True):
-        for path, r in (("direct", direct), ("tunnel", tunnel)):
+    for row in zip(*(results[path] for path in paths), strict=True):
+        for path, r in zip(paths, row, strict=True):
             print(
                 f"| {r.flows} | {r.offered} | {path} | {r.rate:,.0f} |"
                 f" {r.loss:.2%} | {r.p50 * 1e6:,.0f} µs | {r.p99 * 1e6:,.0f} µs |"

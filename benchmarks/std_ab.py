@@ -46,7 +46,21 @@ def parse_checkout(arg: str) -> tuple[Path, dict[str, Any]]:
     return Path(path), extra
 
 
-def run(checkouts: list[str], reps: int, seconds: int) -> list[dict[str, Any]]:
+#: The workloads ``--workloads`` names, in the order they run.
+WORKLOADS: dict[str, Any] = {
+    "close": lambda b, t: b.http(t, True),
+    "ka": lambda b, t: b.http(t, False),
+    "new_p50": lambda b, t: b.sequential(t, False),
+    "ka_p50": lambda b, t: b.sequential(t, True),
+    "bulk1": lambda b, t: b.bulk(t, 1, False),
+    "bulk8": lambda b, t: b.bulk(t, 8, False),
+}
+DEFAULT_WORKLOADS = "close,ka,new_p50,ka_p50,bulk1"
+
+
+def run(
+    checkouts: list[str], reps: int, seconds: int, workloads: list[str]
+) -> list[dict[str, Any]]:
     """Every checkout's figures (``runs``), measured in turn."""
     tools = std_tools.ensure(["iperf3", "wrk", "ab", "nginx"], install=False, say=say)
     workdir = Path(tempfile.mkdtemp(prefix="threshold-std-ab-"))
@@ -79,11 +93,8 @@ def run(checkouts: list[str], reps: int, seconds: int) -> list[dict[str, Any]]:
         for rep in range(reps):
             say(f"rep {rep + 1} of {reps}")
             for bench, tunnel in benches:
-                bench.http(tunnel, True)
-                bench.http(tunnel, False)
-                bench.sequential(tunnel, False)
-                bench.sequential(tunnel, True)
-                bench.bulk(tunnel, 1, False)
+                for name in workloads:
+                    WORKLOADS[name](bench, tunnel)
     finally:
         children.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -105,10 +116,14 @@ def line(result: dict[str, Any]) -> str:
     s, c = result.get("close_cpu", [0, 0])
     ks, kc = result.get("ka_cpu", [0, 0])
     gs, gc = result.get("cpu_bulk1_up", [0, 0])
+    g8s, g8c = result.get("cpu_bulk8_up", [0, 0])
     return (
         f"new conn CPU {s + c:.0f} µs ({s:.0f} + {c:.0f}); keep-alive {ks + kc:.0f}"
         f" µs ({ks:.0f} + {kc:.0f}); p50 new {result.get('new_p50', 0):.2f} ms,"
-        f" ka {result.get('ka_p50', 0):.2f} ms; {gs + gc:.2f} s/GB;"
+        f" ka {result.get('ka_p50', 0):.2f} ms; {gs + gc:.2f} s/GB"
+        f" ({gs:.2f} + {gc:.2f}; 8 streams {g8s + g8c:.2f});"
+        f" bulk {result.get('bulk1_up', 0):.2f} / {result.get('bulk8_up', 0):.2f}"
+        " Gbit/s;"
         f" close {result.get('close_rate', 0):.0f}/s;"
         f" RSS {result['rss'][0] / 1e6:.0f} + {result['rss'][1] / 1e6:.0f} MB;"
         f" ready {result['ready']:.2f} s"
@@ -120,10 +135,20 @@ def main() -> int:
     parser.add_argument("checkouts", nargs="+", help="DIR or DIR:Name=JSON,...")
     parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=2)
+    parser.add_argument(
+        "--workloads",
+        default=DEFAULT_WORKLOADS,
+        help=f"comma-separated, of {', '.join(WORKLOADS)} (default: %(default)s)",
+    )
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     load = load_average()
-    results = [summary(f) for f in run(args.checkouts, args.reps, args.seconds)]
+    workloads = [w.strip() for w in args.workloads.split(",")]
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    figures = run(args.checkouts, args.reps, args.seconds, workloads)
+    results = [summary(f) for f in figures]
     print(f"load average {load} at start, {load_average()} at end")
     for checkout, result in zip(args.checkouts, results, strict=True):
         print(f"{checkout}: {line(result)}")

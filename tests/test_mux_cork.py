@@ -156,3 +156,31 @@ class FrontendOpeningTests(SynchronousTestCase):
         self.assertEqual(
             data, Frame(F.TYPE_DATA, 0, syn.stream_id, 18, b'{"service":"web"}\n')
         )
+
+
+class WidenBufferTests(SynchronousTestCase):
+    def test_session_widens_its_tcp_buffer(self):
+        """The TCP under a session (under TLS too) buffers 1 MiB before it
+        pauses the session; a transport without a buffer size is left alone."""
+        from threshold.mux.writer import SESSION_TCP_BUFFER
+
+        class Tcp(StringTransport):
+            bufferSize = 65536
+
+        class Tls(StringTransport):
+            def __init__(self) -> None:
+                super().__init__()
+                self.transport = Tcp()
+
+        for outer in (Tcp(), Tls()):
+            s = MuxSession(
+                client=True,
+                clock=Clock(),
+                handler=StreamAcceptor(lambda stream: Collector()),
+                config=SessionConfig(keepalive_interval=0),
+            )
+            s.makeConnection(outer)
+            tcp = getattr(outer, "transport", outer)
+            self.assertEqual(tcp.bufferSize, SESSION_TCP_BUFFER)
+        _, plain = session()
+        self.assertNotIn("bufferSize", vars(plain))

@@ -58,7 +58,7 @@ from threshold.mux.states import (
     session_next,
 )
 from threshold.mux.stream import Stream
-from threshold.mux.writer import FrameWriter
+from threshold.mux.writer import FrameWriter, widen_buffer
 from threshold.wire.frames import (
     FLAG_RST,
     GO_AWAY_INTERNAL_ERROR,
@@ -262,6 +262,7 @@ class MuxSession(Protocol):
         """Register for backpressure and start keepalive."""
         self.transport.registerProducer(self, True)
         self._input.transport = self._out.transport = self.transport
+        widen_buffer(self.transport)
         # The first Ping measures the round trip at once, which window
         # auto-tuning needs; later ones keep the session alive.
         self._keepalive.start()

@@ -13,6 +13,19 @@ from __future__ import annotations
 
 from typing import Any
 
+#: How much the session's TCP transport buffers before it pauses the
+#: session (and so the streams' producers), instead of Twisted's 64 KiB:
+#: with bulk on several streams each pause and resume is a round of
+#: epoll_ctl calls per stream. One session per client: bounded memory.
+SESSION_TCP_BUFFER = 1024 * 1024
+
+
+def widen_buffer(transport: Any) -> None:
+    """Let the TCP under ``transport`` (TLS or not) buffer SESSION_TCP_BUFFER."""
+    for t in (transport, getattr(transport, "transport", None)):
+        if isinstance(getattr(t, "bufferSize", None), int):
+            t.bufferSize = max(t.bufferSize, SESSION_TCP_BUFFER)
+
 
 class FrameWriter:
     """Writes one session's frames to ``transport``, corked or at once."""

@@ -130,6 +130,19 @@ class DeliveryState(enum.Enum):
     STOPPED = "stopped"
 
 
+#: The moves a webhook's delivery may make.
+MOVES: dict[DeliveryState, frozenset[DeliveryState]] = {
+    DeliveryState.IDLE: frozenset({DeliveryState.POSTING, DeliveryState.STOPPED}),
+    DeliveryState.POSTING: frozenset(
+        {DeliveryState.IDLE, DeliveryState.BACKING_OFF, DeliveryState.STOPPED}
+    ),
+    DeliveryState.BACKING_OFF: frozenset(
+        {DeliveryState.POSTING, DeliveryState.STOPPED}
+    ),
+    DeliveryState.STOPPED: frozenset(),
+}
+
+
 class Webhook:
     """One webhook's queue and delivery (a feed listener)."""
 
@@ -165,6 +178,11 @@ class Webhook:
         self._in_flight: Deferred[int] | None = None
         self._stop_listening = feed.listen(self)
 
+    def _move(self, state: DeliveryState) -> None:
+        if state not in MOVES[self.state]:
+            raise AssertionError(f"webhook {self.label}: no move to {state.value}")
+        self.state = state
+
     # -- EventListener ---------------------------------------------------------
 
     def event(self, event: Event) -> None:
@@ -197,7 +215,7 @@ class Webhook:
         self._send(self.queue[0])
 
     def _send(self, event: Event) -> None:
-        self.state = DeliveryState.POSTING
+        self._move(DeliveryState.POSTING)
         self.attempts += 1
         body = json.dumps(event.to_json(), separators=(",", ":")).encode()
         headers = {
@@ -255,7 +273,7 @@ class Webhook:
             next=self.attempts + 1,
             delay=delay,
         )
-        self.state = DeliveryState.BACKING_OFF
+        self._move(DeliveryState.BACKING_OFF)
         self._retry = self.clock.callLater(delay, self._retry_now)
 
     def backoff(self, attempts: int) -> float:
@@ -274,7 +292,7 @@ class Webhook:
         if self.queue:
             self.queue.popleft()
         self.attempts = 0
-        self.state = DeliveryState.IDLE
+        self._move(DeliveryState.IDLE)
         self._next()
 
     # -- drops -----------------------------------------------------------------
@@ -310,7 +328,7 @@ class Webhook:
         """Stop posting: timers cancelled, the POST in flight abandoned."""
         if self.state is DeliveryState.STOPPED:
             return
-        self.state = DeliveryState.STOPPED
+        self._move(DeliveryState.STOPPED)
         self._stop_listening()
         for call in (self._retry, self._report):
             if call is not None and call.active():

@@ -112,6 +112,21 @@ class RouteTableTests(SynchronousTestCase):
         self.assertEqual([t.listen_port for t in self.table.tunnels()], [1])
         self.assertNotIn(("stop", "udp", "127.0.0.1", 1), self.log)
 
+    def test_save_failure_closes_the_new_udp_socket(self):
+        """The set cannot be saved: the UDP socket opened for it is closed."""
+
+        def persist(tunnels):
+            raise TunnelError(503, "not applied: cannot save")
+
+        self.apply([entry(1)])
+        failure = self.failureResultOf(
+            self.table.apply(parse_tunnels([entry(1), entry(2, "udp")]), persist)
+        )
+        self.assertEqual(failure.value.status, 503)
+        self.assertIn(("stop", "udp", "127.0.0.1", 2), self.log)
+        self.assertIsNone(self.table.udp_port(("127.0.0.1", 2)))
+        self.assertEqual([t.listen_port for t in self.table.tunnels()], [1])
+
     def test_unchanged_udp_socket_kept_removed_closed(self):
         self.apply([entry(1, "udp"), entry(2, "udp")])
         self.apply([entry(1, "udp", UdpFlowIdleSeconds=5)])

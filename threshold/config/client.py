@@ -316,7 +316,7 @@ class ClientConfig:
         EGRESS_SETTINGS_KIND,
         None,
         nullable=True,
-        doc='A local SOCKS5 proxy whose connections go out through a gateway:'
+        doc="A local SOCKS5 proxy whose connections go out through a gateway:"
         ' `{"SocksListen": "127.0.0.1:1080"}` (docs/egress.md). The gateway'
         " decides where this client may connect (its `EgressPolicy`).",
     )

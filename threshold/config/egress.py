@@ -13,7 +13,7 @@ Pure: no reactor; the rules are compiled once, when the config is read.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from threshold.schema import (
     parse_host_port,
     show,
 )
+from threshold.schema.frozen import FrozenMap
 from threshold.schema.policy_kinds import CIDR_LIST, parse_ip
 
 __all__ = [
@@ -261,28 +262,10 @@ class ClientEgress:
         return f"ClientEgress({list(self.rules)!r})"
 
 
-class EgressPolicies(Mapping[str, ClientEgress]):
+class EgressPolicies(FrozenMap[ClientEgress]):
     """``EgressPolicy``: ClientId -> its rules (read-only, copies as itself)."""
 
-    __slots__ = ("_items",)
-
-    def __init__(self, items: Mapping[str, ClientEgress]) -> None:
-        self._items = dict(items)
-
-    def __getitem__(self, key: str) -> ClientEgress:
-        return self._items[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __repr__(self) -> str:
-        return f"EgressPolicies({self._items!r})"
-
-    def __deepcopy__(self, memo: dict[int, object]) -> EgressPolicies:
-        return self
+    __slots__ = ()
 
 
 #: No client may connect out (the default).

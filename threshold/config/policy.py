@@ -9,7 +9,7 @@ not listed there has ``DefaultClientPolicy``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from threshold.schema import (
     field,
     show,
 )
+from threshold.schema.frozen import FrozenMap
 from threshold.schema.policy_kinds import CIDR_LIST, EMPTY_CIDRS, CidrList, Words
 
 __all__ = [
@@ -138,34 +139,6 @@ class _ClientPolicyKind(Kind):
 
     def to_json(self, value: Any) -> object:
         return value.to_json()
-
-
-class FrozenMap(Mapping[str, ClientPolicy]):
-    """A read-only mapping that, being immutable, copies as itself.
-
-    (``MappingProxyType`` is read-only too, but cannot be deep-copied, so a
-    config holding one could not go through ``dataclasses.asdict``.)
-    """
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items: Mapping[str, ClientPolicy]) -> None:
-        self._items = dict(items)
-
-    def __getitem__(self, key: str) -> ClientPolicy:
-        return self._items[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __repr__(self) -> str:
-        return f"FrozenMap({self._items!r})"
-
-    def __deepcopy__(self, memo: dict[int, object]) -> FrozenMap:
-        return self
 
 
 #: No client listed.

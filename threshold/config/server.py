@@ -555,7 +555,7 @@ class ServerConfig:
         "EgressPolicy",
         EGRESS_POLICY,
         NO_EGRESS_POLICY,
-        doc='Per client, the destinations it may connect out to through this'
+        doc="Per client, the destinations it may connect out to through this"
         ' gateway (its SOCKS5 proxy): `{"home-a": [{"Cidr": "0.0.0.0/0", "Ports":'
         ' "25,465,587"}]}`. No entry: no egress. Loopback, private and'
         " link-local destinations only by a rule within their range"

@@ -286,5 +286,42 @@ class StatusTests(SynchronousTestCase):
         response = self.successResultOf(treq.get("http://admin/status"))
         body = json.loads(self.successResultOf(response.content()))
         self.assertEqual(
-            body, {"ClientId": "TestClient1", "Sessions": [], "HealthChecks": {}}
+            body,
+            {
+                "ClientId": "TestClient1",
+                "Sessions": [],
+                "HealthChecks": {},
+                "Counters": {
+                    "UnknownService": 0,
+                    "LocalFailures": 0,
+                    "EgressConnections": 0,
+                    "EgressRefused": 0,
+                    "UdpFlows": 0,
+                    "UdpDropped": {},
+                },
+            },
+        )
+
+    def test_status_counters(self):
+        """GET /status shows the client's counters as they are now."""
+        settings = make_settings()
+        settings.stats.unknown_service = 2
+        settings.stats.egress_connections = 3
+        settings.stats.egress_refused = 1
+        settings.stats.udp_flows = 5
+        settings.stats.udp_dropped["window_full"] += 4
+        settings.stats.udp_dropped["oversize"] += 1
+        treq = StubTreq(ClientAdminAPI(settings).app.resource())
+        response = self.successResultOf(treq.get("http://admin/status"))
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual(
+            body["Counters"],
+            {
+                "UnknownService": 2,
+                "LocalFailures": 0,
+                "EgressConnections": 3,
+                "EgressRefused": 1,
+                "UdpFlows": 5,
+                "UdpDropped": {"oversize": 1, "window_full": 4},
+            },
         )

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from twisted.web.iweb import IRequest
 
     from threshold.client.gateway import GatewayLink
-    from threshold.client.settings import ClientSettings
+    from threshold.client.settings import ClientSettings, ClientStats
 
 log = Logger(observer=log_observer)
 
@@ -128,6 +128,7 @@ class ClientAdminAPI:
                 "ClientId": self.settings.client_id,
                 "Sessions": [_link_view(link) for link in self.links],
                 "HealthChecks": self._checks_view(),
+                "Counters": _counters_view(self.settings.stats),
             },
         )
 
@@ -167,6 +168,18 @@ def _iso(t: float | None) -> str | None:
     if t is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _counters_view(stats: ClientStats) -> dict[str, object]:
+    """The client's counters since it started (docs/configuration.md)."""
+    return {
+        "UnknownService": stats.unknown_service,
+        "LocalFailures": stats.local_failures,
+        "EgressConnections": stats.egress_connections,
+        "EgressRefused": stats.egress_refused,
+        "UdpFlows": stats.udp_flows,
+        "UdpDropped": dict(sorted(stats.udp_dropped.items())),
+    }
 
 
 def _link_view(link: GatewayLink) -> dict[str, object]:

@@ -46,7 +46,7 @@ from typing import Any
 import std_profile
 import std_tools
 from sshtunnel import OpenSsh, SshError
-from std_report import PATHS, medians, report
+from std_report import BEFORE, PATHS, medians, report
 from std_services import (
     PAGE,
     Direct,
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace, figures: dict[str, Any]) -> None:
         backends = {"http": nginx.port, "iperf": iperf.port}
         info["backends"] = backends
         pki = None
-        if any(p.startswith("threshold") for p in paths):
+        if args.before or any(p.startswith("threshold") for p in paths):
             pki = make_pki(workdir / "pki")
         tunnels: list[Tunnel] = []
         for p in paths:
@@ -318,6 +318,20 @@ def run(args: argparse.Namespace, figures: dict[str, Any]) -> None:
                 tls = p == "threshold TLS"
                 d = workdir / ("tls" if tls else "plain")
                 tunnels.append(Threshold(tls, d, children, backends, pki))
+        if args.before:
+            # The same TLS tunnel with another checkout's code, in the same
+            # run: a before/after that the machine's state cannot skew.
+            assert pki is not None
+            before = Threshold(
+                True,
+                workdir / "before",
+                children,
+                backends,
+                pki,
+                root=args.before.resolve(),
+                name=BEFORE,
+            )
+            tunnels.append(before)
         bench = Bench(tools, s, iperf, workdir, figures)
         for number in range(1, s.rounds + 1):
             bench.round(tunnels, number)
@@ -370,6 +384,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="do not apt-get install missing tools; name the command and stop",
     )
     parser.add_argument("--json", metavar="FILE", help="also write every figure here")
+    parser.add_argument(
+        "--before",
+        metavar="DIR",
+        type=Path,
+        help=f"also run threshold TLS with the code of checkout DIR ({BEFORE!r})",
+    )
     parser.add_argument(
         "--profile",
         metavar="DIR",

@@ -12,6 +12,8 @@ from typing import Any
 
 #: The columns, in order.
 PATHS = ("direct", "haproxy", "ssh -R", "threshold", "threshold TLS")
+#: The column of ``std_bench.py --before DIR``: threshold TLS with DIR's code.
+BEFORE = "threshold TLS before"
 
 #: (key, label, unit of the cell, ratio against direct?)
 ROWS = [
@@ -77,7 +79,7 @@ def cell(value: Any, unit: str) -> str:
 
 def table(figures: dict[str, Any]) -> list[str]:
     """The markdown table: medians, and ratios to direct where they mean something."""
-    paths = [p for p in PATHS if p in figures["medians"]]
+    paths = [p for p in (*PATHS, BEFORE) if p in figures["medians"]]
     lines = [
         "| figure | " + " | ".join(paths) + " |",
         "|---|" + "---|" * len(paths),

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import tunnel_bench
 from sshtunnel import OpenSsh, SshServer, privsep_directory, sends_ssh_banner
 from tunnel_bench import (
     TWISTD,
@@ -372,9 +373,13 @@ class Threshold(Tunnel):
         backends: dict[str, int],
         pki: Path,
         server_fields: dict[str, Any] | None = None,
+        root: Path | None = None,
+        name: str | None = None,
     ) -> None:
         self.tls = tls
-        self.name = "threshold TLS" if tls else "threshold"
+        self.name = name or ("threshold TLS" if tls else "threshold")
+        #: The checkout whose code runs (std_bench --before); None: this one.
+        self.root = root
         #: More fields of server.json (std_ab.py: ``DIR:LogConnections=false``).
         self.server_fields = dict(server_fields or {})
         self.dir = directory
@@ -396,7 +401,12 @@ class Threshold(Tunnel):
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile="]
         argv += [f"threshold-{role}", "-c", str(path)]
         name = f"{self.name.replace(' ', '-')}-{role}"
-        return self.children.start(name, argv, cwd=self.dir, line_output=False)
+        saved = tunnel_bench.ROOT  # the PYTHONPATH Child gives twistd
+        tunnel_bench.ROOT = self.root or saved
+        try:
+            return self.children.start(name, argv, cwd=self.dir, line_output=False)
+        finally:
+            tunnel_bench.ROOT = saved
 
     def start(self) -> dict[str, Any]:
         control, management = free_port(), free_port()

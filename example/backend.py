@@ -11,10 +11,11 @@ the user, answers with one line naming the address it learned, and closes:
 Plain asyncio, nothing from threshold: any service that speaks PROXY v1
 (nginx, HAProxy, Postfix, ...) works the same way.
 
-Usage: backend.py --port-file FILE [--host 127.0.0.1] [--name backend]. It
-listens on a free port and writes the port number to FILE once it is
-listening. ``--name`` starts its answers, so that two of them (one per home
-machine) can be told apart.
+Usage: backend.py --port-file FILE [--host 127.0.0.1] [--port 0]
+[--name backend]. It listens on the port (0: a free one; a given one lets
+it come back on the same port after a stop) and writes the port number to
+FILE once it is listening. ``--name`` starts its answers, so that two of
+them (one per home machine) can be told apart.
 """
 
 from __future__ import annotations
@@ -99,9 +100,9 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         pass
 
 
-async def serve(host: str, port_file: str) -> None:
-    """Listen on a free port, publish it in ``port_file``, serve until SIGTERM."""
-    server = await asyncio.start_server(handle, host, 0, limit=MAX_LINE)
+async def serve(host: str, port: int, port_file: str) -> None:
+    """Listen on ``port`` (0: a free one), publish it, serve until SIGTERM."""
+    server = await asyncio.start_server(handle, host, port, limit=MAX_LINE)
     port = server.sockets[0].getsockname()[1]
     # Write then rename, so a reader never sees a half-written number.
     tmp = port_file + ".tmp"
@@ -122,13 +123,14 @@ def main() -> int:
     """Run the backend until SIGTERM or SIGINT."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--port-file", required=True, metavar="FILE")
     parser.add_argument("--name", default="backend", help="the first word of answers")
     args = parser.parse_args()
     global NAME
     NAME = args.name
     try:
-        asyncio.run(serve(args.host, args.port_file))
+        asyncio.run(serve(args.host, args.port, args.port_file))
     except OSError as e:
         print(f"backend: error: {e}", file=sys.stderr)
         return 1

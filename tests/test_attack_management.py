@@ -51,6 +51,7 @@ def management_site_of(deployment: Deployment) -> ManagementSite:
     assert deployment.server_service is not None
     for service in deployment.server_service:
         factory = getattr(service, "factory", None)
+        factory = getattr(factory, "made", factory)  # tap.common.LazyFactory
         if isinstance(factory, ManagementSite):
             return factory
     raise AssertionError("no management listener")

@@ -19,17 +19,24 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import (
     IListeningPort,
+    IProtocol,
     IProtocolFactory,
+    IProtocolNegotiationFactory,
     IStreamServerEndpoint,
 )
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from zope.interface import implementer
 
 from threshold.config import ClientConfig, ConfigError, ServerConfig
+from threshold.logs import observer as log_observer
 from threshold.mux.session import SessionConfig
 
 C = TypeVar("C")
+
+log = Logger(observer=log_observer)
 
 
 def fail(message: str) -> SystemExit:
@@ -112,3 +119,69 @@ def listener(
     service = StreamServerEndpointService(endpoint, factory)
     service._raiseSynchronously = True
     return service
+
+
+@implementer(IProtocolNegotiationFactory)
+class LazyFactory(Factory):
+    """A listener's factory built by ``make()`` once the reactor runs.
+
+    For what is slow to import and not needed to accept the first
+    connections (the management API: klein and twisted.web are about
+    0.15 s of the gateway's start-up): the socket is bound at start as
+    before, the real factory is made right after the reactor starts (or at
+    the first connection, if that comes first), and it gets the
+    ``doStart``/``doStop`` calls the socket made meanwhile. If ``make()``
+    fails, the process stops, as a failed start-up would. The real
+    factory's ALPN protocols are offered (TLS asks the factory it wraps).
+    """
+
+    noisy = False
+
+    def __init__(self, make: Callable[[], IProtocolFactory], reactor: Any) -> None:
+        self._make = make
+        self._reactor = reactor
+        self._real: IProtocolFactory | None = None
+        self._starts = 0
+        reactor.callWhenRunning(self._load_or_stop)
+
+    @property
+    def made(self) -> IProtocolFactory | None:
+        """The real factory once made, else None."""
+        return self._real
+
+    def load(self) -> IProtocolFactory:
+        """The real factory, made now if it was not yet."""
+        if self._real is None:
+            real = self._make()
+            for _ in range(self._starts):
+                real.doStart()
+            self._real = real
+        return self._real
+
+    def _load_or_stop(self) -> None:
+        try:
+            self.load()
+        except Exception:
+            log.failure("threshold: cannot set up a listener's service; stopping")
+            self._reactor.stop()
+
+    def doStart(self) -> None:  # noqa: N802
+        """A socket listens with this factory (passed on once made)."""
+        self._starts += 1
+        if self._real is not None:
+            self._real.doStart()
+
+    def doStop(self) -> None:  # noqa: N802
+        """A socket stopped listening with this factory."""
+        self._starts -= 1
+        if self._real is not None:
+            self._real.doStop()
+
+    def buildProtocol(self, addr: Any) -> IProtocol | None:  # noqa: N802
+        """The real factory's protocol (made first if needed)."""
+        return self.load().buildProtocol(addr)
+
+    def acceptableProtocols(self) -> list[bytes]:  # noqa: N802
+        """The real factory's ALPN protocols, if it has any (else none)."""
+        negotiating = IProtocolNegotiationFactory(self.load(), None)
+        return list(negotiating.acceptableProtocols()) if negotiating else []

@@ -20,7 +20,6 @@ from threshold import logs
 from threshold.config import ConfigError, ServerConfig, load_server_config
 from threshold.logs import observer as log_observer
 from threshold.server import metrics
-from threshold.server.api import ManagementAPI
 from threshold.server.certinfo import read_file as read_certificate
 from threshold.server.control import ControlSettings
 from threshold.server.egress_gate import EgressSettings
@@ -32,10 +31,15 @@ from threshold.server.policy import PolicySettings
 from threshold.server.reuseport import reuseport_listen
 from threshold.server.serverinfo import ServerFacts
 from threshold.server.service import TunnelServer
-from threshold.server.site import ManagementLimits, management_site
 from threshold.server.statefile import StateFileError, read_state
 from threshold.server.udp import UdpLimits
-from threshold.tap.common import fail, listener, server_endpoint, session_config
+from threshold.tap.common import (
+    LazyFactory,
+    fail,
+    listener,
+    server_endpoint,
+    session_config,
+)
 from threshold.tls import CONTROL_MINIMUM_TLS, server_options
 
 if TYPE_CHECKING:
@@ -185,7 +189,6 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
         endpoint: IStreamServerEndpoint = UNIXServerEndpoint(
             reactor, config.management_socket, mode=0o600, wantPID=True
         )
-        api = ManagementAPI(server.routes, server.registry, **api_options)
     else:
         endpoint = server_endpoint(
             reactor,
@@ -193,24 +196,35 @@ def build_server(config: ServerConfig, reactor: Any) -> MultiService:
             config.management_port,
             management_tls,
         )
-        api = ManagementAPI(
-            server.routes,
-            server.registry,
-            allowed_common_names=config.management_allowed_common_names,
-            require_tls_identity=config.use_tls,
-            **api_options,
+
+    def management() -> Any:
+        # Imported here: klein and twisted.web, made once the reactor runs
+        # (LazyFactory), so the control port listens 0.15 s sooner.
+        from threshold.server.api import ManagementAPI
+        from threshold.server.site import ManagementLimits, management_site
+
+        if config.management_socket is not None:
+            api = ManagementAPI(server.routes, server.registry, **api_options)
+        else:
+            api = ManagementAPI(
+                server.routes,
+                server.registry,
+                allowed_common_names=config.management_allowed_common_names,
+                require_tls_identity=config.use_tls,
+                **api_options,
+            )
+        limits = ManagementLimits(
+            max_pending=config.max_pending_management_connections,
+            # On the Unix socket every peer is the same "source".
+            max_pending_per_source=0
+            if config.management_socket is not None
+            else config.max_pending_management_connections_per_source_ip,
+            request_timeout=config.management_request_timeout_seconds,
+            ipv6_prefix=config.source_ipv6_prefix_length,
         )
-    limits = ManagementLimits(
-        max_pending=config.max_pending_management_connections,
-        # On the Unix socket every peer is the same "source".
-        max_pending_per_source=0
-        if config.management_socket is not None
-        else config.max_pending_management_connections_per_source_ip,
-        request_timeout=config.management_request_timeout_seconds,
-        ipv6_prefix=config.source_ipv6_prefix_length,
-    )
-    site = management_site(api, limits, reactor)
-    listener(endpoint, site).setServiceParent(top)
+        return management_site(api, limits, reactor)
+
+    listener(endpoint, LazyFactory(management, reactor)).setServiceParent(top)
     if not config.use_tls:
         log.warn(
             "UseTls is false: anyone who can reach port {port} can connect as "

@@ -137,3 +137,50 @@ class WriteAtOnceTests(TestCase):
         self.assertNotIn("write", vars(other))
         client.transport.loseConnection()
         await pair.sink.done
+
+
+class WidenBufferRealTests(TestCase):
+    async def test_sessions_share_the_read_buffer_safely(self):
+        """widen_buffer on real TCP connections: 1 MiB before pausing, reads
+        through the one shared buffer, and two connections read at the same
+        time each get exactly their own bytes."""
+        from threshold.mux.writer import SESSION_TCP_BUFFER, widen_buffer
+
+        readers: list[Protocol] = []
+        done: list[Deferred] = [Deferred(), Deferred()]
+
+        class Reader(Protocol):
+            def connectionMade(self):  # noqa: N802
+                widen_buffer(self.transport)
+                self.size = self.transport.bufferSize
+                self.got = bytearray()
+                self.done = done[len(readers)]
+                readers.append(self)
+
+            def dataReceived(self, data):  # noqa: N802
+                self.got += data
+
+            def connectionLost(self, reason=None):  # noqa: N802
+                self.done.callback(bytes(self.got))
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Reader), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        senders = []
+        for _ in range(2):
+            made: Deferred = Deferred()
+
+            class Sender(Protocol):
+                def connectionMade(self, made=made):  # noqa: N802
+                    made.callback(self)
+
+            factory = ClientFactory.forProtocol(Sender)
+            reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
+            senders.append(await made)
+        blobs = [os.urandom(2 << 20), os.urandom(2 << 20)]
+        for sender, blob in zip(senders, blobs, strict=True):
+            sender.transport.write(blob)
+            sender.transport.loseConnection()
+        received = [await d for d in done]
+        self.assertEqual([r.size for r in readers], [SESSION_TCP_BUFFER] * 2)
+        by_reader = {id(r): data for r, data in zip(readers, received, strict=True)}
+        self.assertEqual(sorted(by_reader.values()), sorted(blobs))

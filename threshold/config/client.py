@@ -26,8 +26,6 @@ from threshold.schema import (
     Schema,
     SchemaError,
     Seconds,
-    UnknownField,
-    Wrong,
     field,
     format_address,
     like,
@@ -102,20 +100,6 @@ SERVER_ENTRY = Schema(ServerEntry)
 HEALTH_CHECK = Schema(HealthCheck)
 
 
-def _entry(schema: Schema, value: object, where: str, base_dir: str | None) -> Any:
-    """Parse one nested object; its errors name ``where`` (``[0]``, ``.web``)."""
-    if isinstance(value, schema.cls):
-        return value
-    if not isinstance(value, Mapping):
-        raise Wrong("an object", value, where)
-    try:
-        return schema.parse(value, base_dir)
-    except UnknownField as e:
-        raise SchemaError(e.message, f"{where}") from None
-    except SchemaError as e:
-        raise e.within(f"{where}." if e.field else where) from None
-
-
 def _endpoint_key(entry: ServerEntry) -> tuple[str, int]:
     host = entry.host.lower().removesuffix(".")
     try:
@@ -139,7 +123,7 @@ class _ServerList(Kind):
         entries: list[ServerEntry] = []
         seen: dict[tuple[str, int], int] = {}
         for i, item in enumerate(value):
-            entry: ServerEntry = _entry(SERVER_ENTRY, item, f"[{i}]", base_dir)
+            entry: ServerEntry = SERVER_ENTRY.parse_entry(item, f"[{i}]", base_dir)
             key = _endpoint_key(entry)
             if key in seen:
                 raise SchemaError(
@@ -170,7 +154,7 @@ class _HealthChecks(Kind):
         checks: dict[str, HealthCheck] = {}
         for service, item in value.items():
             SERVICE_NAME.check_key(service)
-            check: HealthCheck = _entry(HEALTH_CHECK, item, f".{service}", base_dir)
+            check: HealthCheck = HEALTH_CHECK.parse_entry(item, f".{service}", base_dir)
             if check.interval_seconds < MIN_HEALTH_INTERVAL:
                 raise SchemaError(
                     f"{check.interval_seconds:g} is less than"

@@ -268,22 +268,11 @@ class EgressPolicies(FrozenMap[ClientEgress]):
     __slots__ = ()
 
 
+#: What an ``EgressPolicy`` rule must be, in its errors.
+_RULE_EXPECTED = 'an object {"Cidr": ..., "Ports": ...}'
+
 #: No client may connect out (the default).
 NO_EGRESS_POLICY = EgressPolicies({})
-
-
-def _rule(value: object, where: str) -> EgressRule:
-    if isinstance(value, EgressRule):
-        return value
-    if not isinstance(value, Mapping):
-        raise Wrong('an object {"Cidr": ..., "Ports": ...}', value, where)
-    try:
-        rule: EgressRule = EGRESS_RULE.parse(value)
-    except UnknownField as e:
-        raise SchemaError(e.message, where) from None
-    except SchemaError as e:
-        raise e.within(f"{where}." if e.field else where) from None
-    return rule
 
 
 class _EgressPolicyKind(Kind):
@@ -309,7 +298,10 @@ class _EgressPolicyKind(Kind):
             if len(rules) > MAX_EGRESS_RULES:
                 raise SchemaError(f"more than {MAX_EGRESS_RULES} rules", where)
             policies[client_id] = ClientEgress(
-                tuple(_rule(r, f"{where}[{i}]") for i, r in enumerate(rules))
+                tuple(
+                    EGRESS_RULE.parse_entry(r, f"{where}[{i}]", expected=_RULE_EXPECTED)
+                    for i, r in enumerate(rules)
+                )
             )
         return EgressPolicies(policies)
 

@@ -346,6 +346,29 @@ class Schema:
         values.update(extra)
         return self.build(obj, values)
 
+    def parse_entry(
+        self,
+        value: object,
+        where: str,
+        base_dir: str | None = None,
+        expected: str = "an object",
+    ) -> Any:
+        """Parse one object nested in a list or map of a field.
+
+        Its errors name ``where`` (``[0]``, ``.web``) before its own field, so
+        the caller only adds the enclosing field's name.
+        """
+        if isinstance(value, self.cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise Wrong(expected, value, where)
+        try:
+            return self.parse(value, base_dir)
+        except UnknownField as e:
+            raise SchemaError(e.message, where) from None
+        except SchemaError as e:
+            raise e.within(f"{where}." if e.field else where) from None
+
     def validate(self, instance: object) -> None:
         """Check (and normalise) every field of ``instance``, in place.
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +11,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.benchkit import listening, processes_mentioning
 from tests.components import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,28 +19,6 @@ BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import egress_bench  # noqa: E402
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if text.encode() in cmdline:
-            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
-    return found
 
 
 class PercentileTests(SynchronousTestCase):
@@ -81,6 +58,6 @@ class SmokeTests(SynchronousTestCase):
         self.assertIn("| download, MB/s | ", done.stdout)
         self.assertIn("| tunnel CPU per connection | — |", done.stdout)
         for port in figures["ports"]:
-            self.assertFalse(_listening(port), f"port {port} still served")
-        self.assertEqual(_processes_mentioning(figures["workdir"]), [])
+            self.assertFalse(listening(port), f"port {port} still served")
+        self.assertEqual(processes_mentioning(figures["workdir"]), [])
         self.assertFalse(Path(figures["workdir"]).exists())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from unittest import mock
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.benchkit import listening, processes_mentioning
 from tests.components import missing as missing_component
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,28 +208,6 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("59 + 57", rss)
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if text.encode() in cmdline:
-            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
-    return found
-
-
 class SmokeTests(SynchronousTestCase):
     """Real runs: nginx, iperf3, haproxy and threshold, a few seconds each."""
 
@@ -256,8 +234,8 @@ class SmokeTests(SynchronousTestCase):
 
     def assertCleanedUp(self, info: dict) -> None:
         for port in info["backends"].values():
-            self.assertFalse(_listening(port), f"port {port} still served")
-        self.assertEqual(_processes_mentioning(info["workdir"]), [])
+            self.assertFalse(listening(port), f"port {port} still served")
+        self.assertEqual(processes_mentioning(info["workdir"]), [])
         self.assertFalse(Path(info["workdir"]).exists())
 
     def test_smoke(self):
@@ -289,9 +267,9 @@ class SmokeTests(SynchronousTestCase):
                 break
             seen += line
         workdir = seen.split("working directory ", 1)[1].split(";", 1)[0]
-        self.assertTrue(_processes_mentioning(workdir), "nothing started")
+        self.assertTrue(processes_mentioning(workdir), "nothing started")
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, 130, stderr[-2000:])
-        self.assertEqual(_processes_mentioning(workdir), [])
+        self.assertEqual(processes_mentioning(workdir), [])
         self.assertFalse(Path(workdir).exists())

@@ -20,6 +20,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.packagekit import copy_checkout
 from threshold.server import statuspage
 from threshold.server.api import ManagementAPI
 from threshold.server.history import TrafficHistory
@@ -262,16 +263,7 @@ class InstalledPackageTests(SynchronousTestCase):
         work = tempfile.mkdtemp(prefix="threshold-wheel-")
         self.addCleanup(shutil.rmtree, work, True)
         source = os.path.join(work, "checkout")
-        ignore = shutil.ignore_patterns("__pycache__", "dropin.cache")
-        shutil.copytree(os.path.join(ROOT, "threshold"), f"{source}/threshold",
-                        ignore=ignore)  # fmt: skip
-        os.makedirs(f"{source}/twisted/plugins")
-        shutil.copy(
-            os.path.join(ROOT, "twisted", "plugins", "threshold_plugins.py"),
-            f"{source}/twisted/plugins/",
-        )
-        for name in ("setup.cfg", "pyproject.toml", "README.md"):
-            shutil.copy(os.path.join(ROOT, name), source)
+        copy_checkout(source)
         venv = os.path.join(work, "venv")
 
         def run(*argv: str, cwd: str | None = None) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import site
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from tests.certs import test_pki
+from tests.packagekit import copy_checkout
 from threshold.tap.common import TlsServerEndpoint, server_endpoint
 from threshold.tls import server_options
 
@@ -144,16 +144,7 @@ class EditableInstallTests(TestCase):
             self.skipTest("needs setuptools >= 70.1 or wheel (the test extras)")
         work = os.path.abspath(self.mktemp())
         source = os.path.join(work, "checkout")
-        ignore = shutil.ignore_patterns("__pycache__", "dropin.cache")
-        shutil.copytree(os.path.join(ROOT, "threshold"), f"{source}/threshold",
-                        ignore=ignore)  # fmt: skip
-        os.makedirs(f"{source}/twisted/plugins")
-        shutil.copy(
-            os.path.join(ROOT, "twisted", "plugins", "threshold_plugins.py"),
-            f"{source}/twisted/plugins/",
-        )
-        for name in ("setup.cfg", "pyproject.toml", "README.md"):
-            shutil.copy(os.path.join(ROOT, name), source)
+        copy_checkout(source)
 
         venv = os.path.join(work, "venv")
         run = partial(subprocess.run, capture_output=True, text=True, timeout=120)

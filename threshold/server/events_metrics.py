@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from threshold.server.events import EventType
+from threshold.server.families import single
 
 if TYPE_CHECKING:
     from threshold.server.events_service import EventService
@@ -33,18 +34,19 @@ class EventCollector(Collector):
             emitted.add_metric([event_type.value], feed.emitted[event_type.value])
         yield emitted
         streams = self.service.streams
-        subscribers = GaugeMetricFamily(
-            "threshold_event_subscribers", "GET /events streams open now."
+        yield single(
+            GaugeMetricFamily,
+            "threshold_event_subscribers",
+            "GET /events streams open now.",
+            len(streams.subscribers),
         )
-        subscribers.add_metric([], len(streams.subscribers))
-        yield subscribers
-        cut = CounterMetricFamily(
+        yield single(
+            CounterMetricFamily,
             "threshold_event_streams_cut",
             "GET /events streams ended because their reader fell behind"
             " (MaxEventBacklog).",
+            streams.cuts,
         )
-        cut.add_metric([], streams.cuts)
-        yield cut
         labels = ["webhook"]
         families = {
             "delivered": CounterMetricFamily(

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from threshold.server.families import single
 from threshold.server.policy_metrics import PolicyCollector
 from threshold.server.registry import (
     STATE_CLOSED,
@@ -154,32 +155,32 @@ class ServerCollector(Collector):
             [(_tunnel_labels(key), t) for key, t in stats.tunnels.items()],
         )
 
-        yield _one(
+        yield single(
             GaugeMetricFamily,
             "threshold_tunnels",
             "Tunnels in force (entries of the table).",
             stats.tunnels_in_force,
         )
-        yield _one(
+        yield single(
             GaugeMetricFamily,
             "threshold_listening_sockets",
             "Public sockets open (tunnel groups).",
             stats.listening_sockets,
         )
-        yield _one(
+        yield single(
             GaugeMetricFamily,
             "threshold_tunnels_not_restored",
             "Entries of the state file that could not be restored at start "
             "(until the tunnel set changes).",
             stats.restore_failures,
         )
-        yield _one(
+        yield single(
             CounterMetricFamily,
             "threshold_public_connections",
             "Internet-user connections accepted on any tunnel socket.",
             stats.accepted,
         )
-        yield _one(
+        yield single(
             GaugeMetricFamily,
             "threshold_public_connections_open",
             "Internet-user connections open.",
@@ -196,7 +197,7 @@ class ServerCollector(Collector):
             refused.add_metric([reason.value], stats.refused[reason])
         yield refused
 
-        yield _one(
+        yield single(
             CounterMetricFamily,
             "threshold_sni_not_tls",
             "Connections on hostname-routed sockets that sent no TLS ClientHello.",
@@ -346,18 +347,6 @@ class ServerCollector(Collector):
         yield open_
         yield bytes_in
         yield bytes_out
-
-
-def _one(
-    family: type[GaugeMetricFamily] | type[CounterMetricFamily],
-    name: str,
-    documentation: str,
-    value: float,
-) -> GaugeMetricFamily | CounterMetricFamily:
-    """A metric with a single, unlabelled sample."""
-    metric = family(name, documentation)
-    metric.add_metric([], value)
-    return metric
 
 
 def server_registry(server: _Gateway) -> CollectorRegistry:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from threshold.server.families import single
+
 if TYPE_CHECKING:
     from threshold.server.policy import GatewayPolicy
 
@@ -106,9 +108,9 @@ class PolicyCollector(Collector):
                     [client_id, direction], bucket.limited_seconds()
                 )
         yield client_limited
-        sources = GaugeMetricFamily(
+        yield single(
+            GaugeMetricFamily,
             "threshold_rate_limited_sources",
             "(tunnel, source) pairs whose new-connection rate is tracked now.",
+            len(policy.limiter),
         )
-        sources.add_metric([], len(policy.limiter))
-        yield sources

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from threshold.server.families import single
 from threshold.server.stats import UdpDrop, UdpFlowEnd, UdpStats
 
 __all__ = ["UdpCollector"]
@@ -26,14 +27,18 @@ class UdpCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """The UDP families."""
         stats = self.stats
-        open_ = GaugeMetricFamily("threshold_udp_flows_open", "UDP flows open.")
-        open_.add_metric([], stats.flows_open)
-        yield open_
-        opened = CounterMetricFamily(
-            "threshold_udp_flows_opened", "UDP flows opened (one per user address)."
+        yield single(
+            GaugeMetricFamily,
+            "threshold_udp_flows_open",
+            "UDP flows open.",
+            stats.flows_open,
         )
-        opened.add_metric([], stats.flows_opened)
-        yield opened
+        yield single(
+            CounterMetricFamily,
+            "threshold_udp_flows_opened",
+            "UDP flows opened (one per user address).",
+            stats.flows_opened,
+        )
         ended = CounterMetricFamily(
             "threshold_udp_flows_ended",
             "UDP flows ended, by reason.",

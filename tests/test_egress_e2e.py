@@ -21,24 +21,13 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 
 from tests.components import require_tool
-from tests.support import Deployment, free_port, wait_until
+from tests.support import Deployment, free_port, metric, wait_until
 from threshold.config.egress import EGRESS_POLICY, EgressSettings
 from threshold.config.policy import ClientPolicy, FrozenMap
 from threshold.server.metrics import render, server_registry
 from threshold.wire.egress import EgressRefusal
 
 BODY = b"hello through the gateway\n" * 100
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample of the Prometheus text (0 when absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def socks_reply(stderr: bytes) -> int | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -23,7 +22,15 @@ from twisted.internet.error import ConnectionDone
 from twisted.trial.unittest import TestCase
 
 from tests.components import missing
-from tests.support import Backend, Deployment, Recorder, free_port, tunnel, wait_until
+from tests.support import (
+    Backend,
+    Deployment,
+    Recorder,
+    free_port,
+    metric,
+    tunnel,
+    wait_until,
+)
 from tests.test_attack_frontend_dualstack import dual_stack_loopback
 from threshold.config.policy import ClientPolicy
 from threshold.server.stats import Refusal
@@ -49,17 +56,6 @@ def echoes(user: Recorder, payload: bytes = b"ping"):
         lambda: user.data == payload or user.done.called, 10, "echo or close"
     )
     return user.data == payload
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample of the Prometheus text (0 when absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 class PolicyMixin:

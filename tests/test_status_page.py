@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.packagekit import copy_checkout
 from threshold.server import statuspage
 from threshold.server.api import ManagementAPI
+from threshold.server.events import EventType
 from threshold.server.history import TrafficHistory
 from threshold.server.registry import ClientRegistry
 from threshold.server.routes import RouteTable
@@ -113,6 +114,19 @@ class PageTests(RoutesTestCase):
         for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write",
                      "eval(", "new Function", "setAttribute(\"on"):  # fmt: skip
             self.assertNotIn(sink, script)
+
+    def test_script_listens_to_event_types_that_exist(self):
+        """Each event type the page refreshes on is one the feed emits.
+
+        The page listens to a subset of server/events.py's EventType by
+        name; a type renamed there would otherwise leave the page deaf.
+        """
+        with open(os.path.join(STATIC, "status.js"), encoding="utf-8") as f:
+            script = f.read()
+        [listed] = re.findall(r"const EVENTS = \[([^\]]*)\]", script)
+        names = re.findall(r'"([^"]+)"', listed)
+        self.assertGreater(len(names), 3)
+        self.assertLessEqual(set(names), {t.value for t in EventType})
 
     def test_head(self):
         """HEAD / answers the page's headers without a body."""
